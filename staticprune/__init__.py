@@ -1,0 +1,3 @@
+"""staticprune: token-reduction ViT segmenters compiled to static graphs (ONNX, TensorRT)."""
+
+__version__ = "0.1.0"

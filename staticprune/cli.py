@@ -1,0 +1,482 @@
+"""The `staticprune` command.
+
+Exit codes: 0 ok, 1 a check failed (lint violation, parity breach), 2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+DEFAULT_TARGET = "orin-jp6"
+
+
+class UsageError(Exception):
+    """Bad usage or input: reported as one line, exit code 2."""
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def step(label: str) -> Iterator[None]:
+    """Progress line for steps that may take more than a few seconds."""
+    log(f"[staticprune] {label} ...")
+    t0 = time.perf_counter()
+    yield
+    log(f"[staticprune] {label}: done in {time.perf_counter() - t0:.1f} s")
+
+
+# --------------------------------------------------------------------------------------------- arguments
+
+
+def _size(text: str) -> tuple[int, int]:
+    from staticprune.models import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _opset(value: int) -> int:
+    from staticprune.export.onnx_export import check_opset
+
+    try:
+        check_opset(value)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return value
+
+
+def _target(name: str) -> str:
+    from staticprune.export.targets import TARGETS
+
+    if name not in TARGETS:
+        raise UsageError(f"unknown target '{name}'; choose one of: {', '.join(TARGETS)}")
+    return name
+
+
+def _method_options(args: argparse.Namespace) -> dict:
+    """--config FILE (JSON, as calibrate writes) then --opt key=value pairs on top."""
+    options: dict = {}
+    if getattr(args, "config", None):
+        try:
+            data = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"config '{args.config}' is not a readable JSON file ({exc.__class__.__name__})") from None
+        if data.get("method") and args.method in (None, "none"):
+            args.method = data["method"]
+        options.update(data.get("method_options", data.get("options", {})))
+    for item in getattr(args, "opt", None) or []:
+        if "=" not in item:
+            raise UsageError(f"--opt '{item}' is not key=value")
+        key, value = item.split("=", 1)
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _model_config(args: argparse.Namespace):
+    from staticprune.models import MODELS
+    from staticprune.pipeline import ModelConfig
+
+    if args.model not in MODELS:
+        raise UsageError(f"unknown model '{args.model}'; run 'staticprune models' to list the {len(MODELS)} names")
+    options = _method_options(args)
+    method = args.method or "none"
+    _check_method(method)
+    if args.weights and not Path(args.weights).is_file():
+        raise UsageError(f"weights '{args.weights}' do not exist or are not a file")
+    return ModelConfig(
+        model=args.model, size=_size(args.size), classes=args.classes, batch=args.batch, seed=args.seed,
+        weights=args.weights, weights_layout=args.weights_layout, method=method, method_options=options,
+        labels=getattr(args, "labels", False),
+    )
+
+
+def _check_method(method: str) -> None:
+    from staticprune.methods import available_methods
+
+    names = ["none", *available_methods()]
+    if method not in names:
+        raise UsageError(f"unknown method '{method}'; choose one of: {', '.join(names)}")
+
+
+def _build(cfg):
+    from staticprune.pipeline import build
+
+    try:
+        return build(cfg)
+    except ValueError as exc:  # CheckpointError is a ValueError too
+        raise UsageError(str(exc)) from None
+
+
+def _write_json(path: Optional[str], payload: dict) -> None:
+    if not path:
+        return
+    from staticprune.export.onnx_export import write_bytes_atomic
+
+    write_bytes_atomic((json.dumps(payload, indent=2) + "\n").encode(), path)
+    log(f"[staticprune] wrote {path}")
+
+
+def _load_onnx(path: str):
+    import onnx
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"ONNX file '{path}' does not exist")
+    try:
+        return onnx.load(str(p))
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise UsageError(f"'{path}' is not a readable ONNX model ({exc.__class__.__name__})") from None
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+
+@dataclass
+class ExportOutcome:
+    path: Path
+    lint_ok: bool
+    verify_ok: bool
+    lint: object
+    verify: object
+    seconds: dict
+
+
+def run_export(cfg, out: str, opset: int, target: str, exporter: str, slim: bool, verify_inputs: int, tol: float) -> ExportOutcome:
+    """build -> export -> lint -> verify -> atomic write. The file is written even if a check fails."""
+    from staticprune.export.lint import lint_model
+    from staticprune.export.onnx_export import ExportError, export_to_proto, save_atomic
+    from staticprune.export.targets import get_target
+    from staticprune.pipeline import attach_config
+    from staticprune.verify.parity import generated_inputs, verify_onnx
+
+    times = {}
+    cfg.decompose_layernorm = not get_target(target).supports_layernorm
+    t0 = time.perf_counter()
+    with step(f"building {cfg.model} {cfg.size[0]}x{cfg.size[1]} method={cfg.method}"):
+        model = _build(cfg)
+    times["build"] = time.perf_counter() - t0
+    shape = (cfg.batch, 3, *cfg.size)
+    t0 = time.perf_counter()
+    with step(f"exporting to ONNX (opset {opset}, {exporter})"):
+        try:
+            result = export_to_proto(model, generated_inputs(shape, 1, seed=cfg.seed)[0], opset=opset,
+                                     output_names=model.output_names(), exporter=exporter, slim=slim)
+        except ExportError as exc:
+            log(f"staticprune: export check failed: {exc}")
+            raise SystemExit(EXIT_CHECK_FAILED) from None
+    times["export"] = time.perf_counter() - t0
+    attach_config(result.model, cfg, {"opset": opset, "target": target, "outputs": result.output_names})
+    t0 = time.perf_counter()
+    lint = lint_model(result.model, target)
+    times["lint"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with step(f"verifying ONNX Runtime vs PyTorch on {verify_inputs} input(s)"):
+        report = verify_onnx(result.model, model, generated_inputs(shape, verify_inputs, seed=cfg.seed + 1), tol=tol,
+                             output_names=result.output_names)
+    times["verify"] = time.perf_counter() - t0
+    path = save_atomic(result.model, out)
+    return ExportOutcome(path, lint.ok, report.ok, lint, report, times)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise UsageError(f"output '{out}' exists; pass --force to overwrite it")
+    if out.exists() and out.is_dir():
+        raise UsageError(f"output '{out}' is a directory; give a file name like model.onnx")
+    cfg = _model_config(args)
+    outcome = run_export(cfg, str(out), _opset(args.opset), _target(args.target), args.exporter, not args.no_slim,
+                         args.verify_inputs, args.tol)
+    print(f"lint ({args.target}): {'clean' if outcome.lint_ok else 'VIOLATIONS'}")
+    print(outcome.lint.format())
+    print(outcome.verify.format())
+    print(f"wrote {outcome.path} ({outcome.path.stat().st_size / 1e6:.1f} MB); "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in outcome.seconds.items()))
+    _write_json(args.json, {"onnx": str(outcome.path), "lint": outcome.lint.to_dict(), "verify": outcome.verify.to_dict(),
+                            "seconds": outcome.seconds, "config": json.loads(cfg.to_json())})
+    return EXIT_OK if outcome.lint_ok and outcome.verify_ok else EXIT_CHECK_FAILED
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    from staticprune.export.lint import lint_model
+
+    proto = _load_onnx(args.onnx)
+    report = lint_model(proto, _target(args.target))
+    print(report.format())
+    _write_json(args.json, report.to_dict())
+    return EXIT_OK if report.ok else EXIT_CHECK_FAILED
+
+
+def _config_from_onnx(proto, args: argparse.Namespace):
+    from staticprune.pipeline import read_config
+
+    cfg = read_config(proto)
+    if cfg is None:
+        if not args.model or not args.size:
+            raise UsageError(f"'{args.onnx}' carries no staticprune metadata; pass --model and --size (and --weights)")
+        args.method = args.method or "none"
+        args.labels = False
+        return _model_config(args)
+    if args.weights:
+        cfg.weights = args.weights
+    if cfg.weights and not Path(cfg.weights).is_file():
+        raise UsageError(f"weights '{cfg.weights}' recorded in the model are missing; pass --weights PATH")
+    return cfg
+
+
+def _inputs_for(cfg, args: argparse.Namespace) -> list:
+    from staticprune.imageio import load_input
+    from staticprune.models import get_spec
+    from staticprune.verify.parity import generated_inputs
+
+    if args.input:
+        spec = get_spec(cfg.model)
+        tensors = []
+        for path in args.input:
+            try:
+                t = load_input(path, cfg.size, spec.mean, spec.std)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            tensors.append(t.expand(cfg.batch, -1, -1, -1).contiguous() if t.shape[0] == 1 else t)
+        return tensors
+    return generated_inputs((cfg.batch, 3, *cfg.size), args.inputs, seed=args.seed + 1)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from staticprune.verify.parity import verify_onnx
+
+    proto = _load_onnx(args.onnx)
+    cfg = _config_from_onnx(proto, args)
+    with step(f"rebuilding {cfg.model} {cfg.size[0]}x{cfg.size[1]} method={cfg.method} in PyTorch"):
+        model = _build(cfg)
+    inputs = _inputs_for(cfg, args)
+    with step(f"running ONNX Runtime and PyTorch on {len(inputs)} input(s)"):
+        report = verify_onnx(args.onnx, model, inputs, tol=args.tol, output_names=[o.name for o in proto.graph.output])
+    print(report.format())
+    _write_json(args.json, report.to_dict())
+    return EXIT_OK if report.ok else EXIT_CHECK_FAILED
+
+
+def bench_model(cfg, onnx_path: Optional[str], warmup: int, repeats: int, backends: Sequence[str]) -> dict:
+    """GFLOPs and latency for one model config; exports to a temporary file when no ONNX is given."""
+    import torch
+
+    from staticprune.bench import count_flops, time_callable
+    from staticprune.verify.parity import generated_inputs, ort_session
+
+    model = _build(cfg)
+    shape = (cfg.batch, 3, *cfg.size)
+    flops = count_flops(model, (1, 3, *cfg.size))
+    result = {"model": cfg.model, "size": list(cfg.size), "classes": cfg.classes, "method": cfg.method,
+              "batch": cfg.batch, "gflops": flops.gflops, "gflops_by_op": {k: v / 1e9 for k, v in flops.by_op.items()},
+              "flop_convention": flops.convention, "threads": torch.get_num_threads(), "latency": []}
+    x = generated_inputs(shape, 1, seed=cfg.seed)[0]
+    if "torch" in backends:
+        with step("timing PyTorch CPU"), torch.no_grad():
+            result["latency"].append(time_callable(lambda: model(x), "pytorch-cpu", warmup, repeats).to_dict())
+    if "ort" in backends:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = onnx_path
+            if path is None:
+                path = os.path.join(tmp, "model.onnx")
+                run_export(cfg, path, 17, DEFAULT_TARGET, "torchscript", True, 1, 1e-4)
+            sess = ort_session(path)
+            feeds = {sess.get_inputs()[0].name: x.numpy()}
+            with step("timing ONNX Runtime CPU"):
+                result["latency"].append(time_callable(lambda: sess.run(None, feeds), "onnxruntime-cpu", warmup, repeats).to_dict())
+    return result
+
+
+def format_bench(result: dict) -> str:
+    lines = [f"{result['model']} {result['size'][0]}x{result['size'][1]} classes={result['classes']} "
+             f"method={result['method']} batch={result['batch']}",
+             f"GFLOPs (batch 1, fvcore convention: 1 multiply-add = 1 FLOP): {result['gflops']:.2f}",
+             f"{'backend':<18} {'min ms':>10} {'median ms':>10} {'max ms':>10}  (warm-up {result['latency'][0]['warmup'] if result['latency'] else 0}, threads {result['threads']})"]
+    for lat in result["latency"]:
+        lines.append(f"{lat['backend']:<18} {lat['min_ms']:>10.1f} {lat['median_ms']:>10.1f} {lat['max_ms']:>10.1f}")
+    return "\n".join(lines)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = set(backends) - {"torch", "ort"}
+    if unknown or not backends:
+        raise UsageError(f"--backends takes a comma list of torch, ort (got '{args.backends}')")
+    if args.onnx:
+        proto = _load_onnx(args.onnx)
+        cfg = _config_from_onnx(proto, args)
+    elif args.model and args.size:
+        args.labels = False
+        cfg = _model_config(args)
+    else:
+        raise UsageError("bench needs an ONNX file or --model NAME --size HxW")
+    result = bench_model(cfg, args.onnx, args.warmup, args.repeats, backends)
+    print(format_bench(result))
+    _write_json(args.json, result)
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from staticprune.models import MODELS
+
+    print(f"{'name':<24} {'width':>5} {'depth':>5} {'heads':>5}  {'decoder':<8} {'LN eps':>7}  normalisation (mean/std on [0,1] RGB)")
+    for spec in MODELS.values():
+        print(f"{spec.name:<24} {spec.vit.dim:>5} {spec.vit.depth:>5} {spec.vit.heads:>5}  {spec.decoder:<8} "
+              f"{spec.vit.ln_eps:>7g}  {spec.mean}/{spec.std}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Main job: export the default model, lint, verify, bench, print a summary table."""
+    from staticprune.export.lint import lint_model
+    from staticprune.pipeline import ModelConfig
+
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / f"{args.model}-{args.size}.onnx"
+    if args.weights and not Path(args.weights).is_file():
+        raise UsageError(f"weights '{args.weights}' do not exist or are not a file")
+    if args.model not in __import__("staticprune.models", fromlist=["MODELS"]).MODELS:
+        raise UsageError(f"unknown model '{args.model}'; run 'staticprune models' to list the names")
+    cfg = ModelConfig(model=args.model, size=_size(args.size), classes=args.classes, weights=args.weights, labels=True)
+    t0 = time.perf_counter()
+    outcome = run_export(cfg, str(onnx_path), 17, DEFAULT_TARGET, "torchscript", True, 2, 1e-4)
+    other = {t: lint_model(str(onnx_path), t).ok for t in ("orin-jp60", "orin-jp5", "x86-trt10")}
+    with step("benchmarking"):
+        bench = bench_model(cfg, str(onnx_path), 2, args.repeats, ("torch", "ort"))
+    logits = next(o for o in outcome.verify.outputs if o.name == "logits")
+    labels = next((o for o in outcome.verify.outputs if o.name == "labels"), None)
+    lat = {r["backend"]: r for r in bench["latency"]}
+    rows = [
+        ("model", f"{cfg.model} {cfg.size[0]}x{cfg.size[1]}, {cfg.classes} classes, "
+                  + (f"weights {cfg.weights}" if cfg.weights else "random weights (seed 0)")),
+        ("ONNX", f"{onnx_path} (opset 17, {outcome.path.stat().st_size / 1e6:.1f} MB, outputs logits + int32 labels)"),
+        ("lint orin-jp6", "clean" if outcome.lint_ok else f"{len(outcome.lint.errors)} violation(s)"),
+        ("lint others", ", ".join(f"{t} {'clean' if ok else 'violations'}" for t, ok in other.items())),
+        ("verify logits", f"max abs {logits.max_abs:.2e} (tol 1e-4) {'ok' if logits.ok else 'FAIL'}"),
+        ("verify labels", "n/a" if labels is None else f"agreement {100 * labels.agreement:.4f}%, {labels.breaches} flip(s) above margin"),
+        ("GFLOPs", f"{bench['gflops']:.2f} (fvcore convention)"),
+        ("PyTorch CPU", f"median {lat['pytorch-cpu']['median_ms']:.1f} ms (min {lat['pytorch-cpu']['min_ms']:.1f})"),
+        ("ORT CPU", f"median {lat['onnxruntime-cpu']['median_ms']:.1f} ms (min {lat['onnxruntime-cpu']['min_ms']:.1f})"),
+        ("wall time", f"{time.perf_counter() - t0:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\nstaticprune demo summary")
+    print("-" * (width + 60))
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    ok = outcome.lint_ok and outcome.verify_ok
+    return EXIT_OK if ok else EXIT_CHECK_FAILED
+
+
+# --------------------------------------------------------------------------------------------- parser
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--model", required=required, help="model name (see 'staticprune models')")
+    p.add_argument("--size", required=required, help="input size HxW, multiples of 16 (e.g. 512x512, 512x1024)")
+    p.add_argument("--classes", type=int, default=150, help="number of classes (150 ADE20K, 19 Cityscapes; default 150)")
+    p.add_argument("--batch", type=int, default=1, help="fixed batch size of the graph (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and generated inputs")
+    p.add_argument("--weights", help="checkpoint: timm, official Segmenter, mmseg SegViT or staticprune layout")
+    p.add_argument("--weights-layout", default="auto", choices=["auto", "native", "timm", "segmenter", "mmseg"])
+    p.add_argument("--method", default=None, help="token-reduction method (default none)")
+    p.add_argument("--config", help="JSON method config (as written by 'staticprune calibrate')")
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, repeatable")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage as one line and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="staticprune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a model to ONNX, then lint and verify it")
+    _add_model_args(p, required=True)
+    p.add_argument("-o", "--output", required=True, help="output .onnx path")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17-20 (default 17)")
+    p.add_argument("--target", default=DEFAULT_TARGET, help="lint target: orin-jp6, orin-jp60, orin-jp5, x86-trt10")
+    p.add_argument("--labels", action="store_true", help="also output int32 argmax labels (B, H, W)")
+    p.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"])
+    p.add_argument("--no-slim", action="store_true", help="skip the onnxslim pass")
+    p.add_argument("--verify-inputs", type=int, default=1, help="generated inputs for verification (default 1)")
+    p.add_argument("--tol", type=float, default=1e-4, help="max abs error allowed (default 1e-4)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--json", help="write the lint and verify results as JSON")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("lint", help="check an ONNX graph against a TensorRT target")
+    p.add_argument("onnx")
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_lint)
+
+    p = sub.add_parser("verify", help="compare ONNX Runtime with PyTorch")
+    p.add_argument("onnx")
+    _add_model_args(p, required=False)
+    p.add_argument("--input", action="append", help="image or .npy input (repeatable); default: generated")
+    p.add_argument("--inputs", type=int, default=2, help="number of generated inputs (default 2)")
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("bench", help="GFLOPs and CPU latency (PyTorch, ONNX Runtime)")
+    p.add_argument("onnx", nargs="?")
+    _add_model_args(p, required=False)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--backends", default="torch,ort", help="comma list of torch, ort")
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("models", help="list model names")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="main job: export, lint, verify and bench the default model")
+    p.add_argument("--model", default="segmenter-vit-s-mask")
+    p.add_argument("--size", default="512x512")
+    p.add_argument("--classes", type=int, default=150)
+    p.add_argument("--weights")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("-o", "--output-dir", default="out")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"staticprune: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""ONNX export, graph optimisation and target lint."""

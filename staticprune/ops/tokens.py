@@ -1,0 +1,16 @@
+"""Token bookkeeping primitives shared by every method."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def restore_tokens(x: Tensor, owner: Tensor) -> Tensor:
+    """Unmerge: give every original token the features of the slot that now represents it.
+
+    x: (B, T, D) slot features; owner: (B, N0) integer slot index per original token.
+    Returns (B, N0, D). One gather, whatever merging, sharing or pruning happened before.
+    """
+    index = owner.long().unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    return torch.gather(x, 1, index)

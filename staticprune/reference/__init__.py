@@ -1,0 +1,1 @@
+"""Eager, dynamic, paper-faithful method implementations: the oracle for parity. Never exported."""

@@ -1,0 +1,47 @@
+"""The parity report: float tolerances and decision-aware label comparison."""
+
+import numpy as np
+
+from staticprune.verify.parity import compare_outputs
+
+
+def _logits_with_margins():
+    # (1, 3 classes, 1, 4 pixels): pixel 0 near-tie (margin 1e-6), pixel 3 clear (margin 2.0)
+    logits = np.zeros((1, 3, 1, 4), dtype=np.float32)
+    logits[0, :, 0, 0] = [1.0, 1.0 + 1e-6, 0.0]
+    logits[0, :, 0, 1] = [0.0, 0.5, 0.0]
+    logits[0, :, 0, 2] = [0.3, 0.0, 0.0]
+    logits[0, :, 0, 3] = [2.0, 0.0, 0.0]
+    return logits
+
+
+def test_near_tie_label_flip_is_reported_but_not_a_breach():
+    ref_logits = _logits_with_margins()
+    ref = {"logits": ref_logits, "labels": ref_logits.argmax(1).astype(np.int32)}
+    got_labels = ref["labels"].copy()
+    got_labels[0, 0, 0] = 0  # flipped at the near-tie
+    diffs = compare_outputs({"logits": ref_logits + 5e-7, "labels": got_labels}, ref, tol=1e-4)
+    logits, labels = diffs
+    assert logits.ok and 4e-7 < logits.max_abs < 6e-7
+    assert labels.mismatches == 1 and labels.breaches == 0 and labels.ok
+    assert labels.min_flip_margin is not None and labels.min_flip_margin < 1e-5
+    assert labels.agreement == 0.75
+
+
+def test_clear_label_flip_and_large_error_fail():
+    ref_logits = _logits_with_margins()
+    ref = {"logits": ref_logits, "labels": ref_logits.argmax(1).astype(np.int32)}
+    got_labels = ref["labels"].copy()
+    got_labels[0, 0, 3] = 1  # margin 2.0: a genuine disagreement
+    bad_logits = ref_logits.copy()
+    bad_logits[0, 0, 0, 1] += 3e-4
+    logits, labels = compare_outputs({"logits": bad_logits, "labels": got_labels}, ref, tol=1e-4)
+    assert not logits.ok and abs(logits.max_abs - 3e-4) < 1e-6
+    assert labels.breaches == 1 and not labels.ok
+
+
+def test_nan_output_fails_even_if_max_is_small():
+    ref = {"logits": np.zeros((1, 2, 2, 2), dtype=np.float32)}
+    got = {"logits": np.full((1, 2, 2, 2), np.nan, dtype=np.float32)}
+    (d,) = compare_outputs(got, ref)
+    assert not d.ok
