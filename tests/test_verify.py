@@ -45,3 +45,29 @@ def test_nan_output_fails_even_if_max_is_small():
     got = {"logits": np.full((1, 2, 2, 2), np.nan, dtype=np.float32)}
     (d,) = compare_outputs(got, ref)
     assert not d.ok
+
+
+def test_decision_flip_at_near_tie_is_allowed_and_marks_features_not_comparable():
+    ref = {
+        "logits": np.zeros((1, 2, 2, 2), dtype=np.float32),
+        "decision_layer1": np.array([[3, 1, 2]], dtype=np.int32),
+        "margin_layer1": np.array([[1e-7, 0.5, 0.2]], dtype=np.float32),
+    }
+    got = dict(ref)
+    got["decision_layer1"] = np.array([[0, 1, 2]], dtype=np.int32)  # flipped where the margin is 1e-7
+    got["logits"] = ref["logits"] + 0.3  # everything downstream differs
+    diffs = {d.name: d for d in compare_outputs(got, ref, tol=1e-4)}
+    assert diffs["decision_layer1"].mismatches == 1 and diffs["decision_layer1"].breaches == 0
+    assert diffs["decision_layer1"].min_margin == np.float32(1e-7)
+    assert diffs["logits"].ok and not diffs["logits"].comparable
+
+
+def test_decision_flip_with_clear_margin_is_a_breach():
+    ref = {
+        "decision_layer1": np.array([[3, 1, 2]], dtype=np.int32),
+        "margin_layer1": np.array([[1e-7, 0.5, 0.2]], dtype=np.float32),
+    }
+    got = dict(ref)
+    got["decision_layer1"] = np.array([[3, 0, 2]], dtype=np.int32)
+    diffs = {d.name: d for d in compare_outputs(got, ref, tol=1e-4)}
+    assert diffs["decision_layer1"].breaches == 1 and not diffs["decision_layer1"].ok

@@ -1,12 +1,25 @@
 """Static (exportable) token-reduction methods, one module each, and their registry.
 
-A method module registers a builder with `register("name")`; the builder takes the method options (a dict,
-from the command line or a calibrated config file) and the SegmentationModel, and returns an nn.Module that
-implements the backbone's TokenHook protocol.
+Contract of a method module `methods/<name>.py` (see docs/methods.md):
+
+* a config dataclass holding every option (thresholds, layers, r, capacities) with documented defaults;
+* `@register("<name>")` on a builder `(options: dict, model: SegmentationModel) -> nn.Module`; use
+  `config_from_options(Config, options)` so unknown or ill-typed options are one clear ValueError;
+* the returned module implements the backbone's TokenHook protocol (`after_attention`, `after_block`), may
+  implement `decode(decoder, feats, state, grid, image_size)`, and lists the names it adds to
+  `state.extras` in `extra_outputs` (always `overflow`: (B,) int32, tokens the capacity could not hold);
+  with `expose_decisions=True` it also outputs `decision_<point>` (int32) and `margin_<point>` (float32,
+  same shape: how far each decision is from flipping), so that verification is decision-aware;
+* `calibrated_options(kept: dict[str, list[int]], quantile: float, options: dict) -> dict`: the options with
+  capacities set from the kept-token counts the eager reference measured (used by `staticprune calibrate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import pkgutil
+import typing
 from typing import Any, Callable
 
 from torch import nn
@@ -23,9 +36,6 @@ def register(name: str):
 
 
 def _load_all() -> None:
-    import importlib
-    import pkgutil
-
     for info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{info.name}")
 
@@ -35,8 +45,67 @@ def available_methods() -> list[str]:
     return sorted(_BUILDERS)
 
 
-def build_static_method(name: str, options: dict[str, Any], model: nn.Module) -> nn.Module:
+def method_module(name: str):
     _load_all()
     if name not in _BUILDERS:
         raise ValueError(f"unknown method '{name}'; choose one of: none, {', '.join(sorted(_BUILDERS))}")
+    return importlib.import_module(_BUILDERS[name].__module__)
+
+
+def build_static_method(name: str, options: dict[str, Any], model: nn.Module) -> nn.Module:
+    method_module(name)
     return _BUILDERS[name](dict(options), model)
+
+
+T = typing.TypeVar("T")
+
+
+def config_from_options(cls: type[T], options: dict[str, Any]) -> T:
+    """Build a config dataclass from user options; unknown keys or wrong types -> one-line ValueError."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; valid: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in options.items():
+        want = hints[key]
+        try:
+            values[key] = _coerce(value, want)
+        except (TypeError, ValueError):
+            raise ValueError(f"option {key}={value!r} is not a valid {getattr(want, '__name__', want)}") from None
+    return cls(**values)
+
+
+def _coerce(value: Any, want: Any) -> Any:
+    origin = typing.get_origin(want)
+    args = typing.get_args(want)
+    if want is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        return bool(value)
+    if want in (int, float, str):
+        if want is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return want(value)
+    if origin in (tuple, list):
+        items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v != ""]
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner) if inner is not Any and inner is not Ellipsis else v for v in items]
+        return tuple(items) if origin is tuple else list(items)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(value)
+    return value

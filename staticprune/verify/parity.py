@@ -3,6 +3,9 @@
 Float outputs: max abs error, relative error (max abs error / max |reference|), mean abs error.
 Integer label maps: agreement, and a decision-aware check: a pixel whose label differs counts as a breach only
 if the reference's top-1/top-2 logit margin there exceeds `margin_eps` (a genuine, not a near-tie, flip).
+Method decisions (`decision_<point>` outputs, int) are compared exactly; a differing decision is a breach
+unless the reference's `margin_<point>` there is <= `margin_eps`. When a decision flipped at a near-tie,
+everything downstream legitimately differs: float outputs are then reported but marked not comparable.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ class OutputDiff:
     mismatches: int = 0  # integer outputs: differing entries
     breaches: int = 0  # integer label outputs: mismatches where the reference margin exceeded margin_eps
     min_flip_margin: Optional[float] = None
+    min_margin: Optional[float] = None  # decision outputs: the closest any decision came to flipping
     agreement: Optional[float] = None
+    comparable: bool = True  # False where an upstream decision flipped at a near-tie
     tol: float = 1e-4
     ok: bool = True
 
@@ -54,7 +59,7 @@ class VerifyReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def format(self) -> str:
-        rows = [f"{'output':<12} {'shape':<20} {'max_abs':>10} {'max_rel':>10} {'agree':>8}  result"]
+        rows = [f"{'output':<20} {'shape':<20} {'max_abs':>10} {'max_rel':>10} {'agree':>8}  result"]
         for o in self.outputs:
             agree = "" if o.agreement is None else f"{100 * o.agreement:.3f}%"
             if o.dtype.startswith("float"):
@@ -62,7 +67,13 @@ class VerifyReport:
             else:
                 detail = f"{o.mismatches:>10d} {'':>10} {agree:>8}"
             verdict = "ok" if o.ok else ("FAIL (> tol)" if o.dtype.startswith("float") else f"FAIL ({o.breaches} flips)")
-            rows.append(f"{o.name:<12} {str(o.shape):<20} {detail}  {verdict}")
+            if not o.comparable:
+                verdict = "not comparable: an upstream decision flipped at a near-tie"
+            if o.min_margin is not None:
+                verdict += f" (closest decision margin {o.min_margin:.2e})"
+            if o.min_flip_margin is not None:
+                verdict += f" (flips at margins >= {o.min_flip_margin:.2e})"
+            rows.append(f"{o.name:<20} {str(o.shape):<20} {detail}  {verdict}")
         rows += [f"note: {n}" for n in self.notes]
         rows.append(f"{'PASS' if self.ok else 'FAIL'}: {self.inputs} input(s), tolerance {self.tol:g} (fp32 abs)")
         return "\n".join(rows)
@@ -110,7 +121,15 @@ def compare_outputs(
             wrong = g != r
             d.mismatches = int(wrong.sum())
             d.agreement = 1.0 - d.mismatches / max(r.size, 1)
-            if name == "labels" and "logits" in ref and d.mismatches:
+            margin_name = "margin_" + name[len("decision_"):] if name.startswith("decision_") else None
+            if margin_name in ref and ref[margin_name].shape == r.shape:
+                all_margins = np.abs(ref[margin_name].astype(np.float64))
+                d.min_margin = float(all_margins.min()) if all_margins.size else None
+                if d.mismatches:
+                    margins = all_margins[wrong]
+                    d.min_flip_margin = float(margins.min())
+                    d.breaches = int((margins > margin_eps).sum())
+            elif name == "labels" and "logits" in ref and d.mismatches:
                 margins = _margin(ref["logits"].astype(np.float64))[wrong]
                 d.min_flip_margin = float(margins.min())
                 d.breaches = int((margins > margin_eps).sum())
@@ -118,6 +137,12 @@ def compare_outputs(
                 d.breaches = d.mismatches
             d.ok = d.breaches == 0
         diffs.append(d)
+    near_tie_flip = any(d.name.startswith("decision_") and d.mismatches > 0 and d.ok for d in diffs)
+    if near_tie_flip:
+        for d in diffs:
+            if not d.dtype.startswith("float") or d.ok or d.max_abs != d.max_abs:
+                continue
+            d.comparable, d.ok = False, bool(np.isfinite(got[d.name]).all())
     return diffs
 
 
@@ -134,6 +159,9 @@ def _merge(diffs_per_input: list[list[OutputDiff]]) -> list[OutputDiff]:
             if d.agreement is not None:
                 m.agreement = min(m.agreement if m.agreement is not None else 1.0, d.agreement)
             m.ok = m.ok and d.ok
+            m.comparable = m.comparable and d.comparable
+            if d.min_margin is not None:
+                m.min_margin = d.min_margin if m.min_margin is None else min(m.min_margin, d.min_margin)
     return merged
 
 
