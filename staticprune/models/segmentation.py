@@ -88,7 +88,8 @@ def build_model(
     """Build a model with deterministic random weights (load a checkpoint afterwards for real ones)."""
     spec = get_spec(name)
     hw = parse_size(size) if isinstance(size, str) else tuple(size)
-    if spec.decoder == "atm" and num_classes < 1:
-        raise ValueError("num_classes must be >= 1")
-    torch.manual_seed(seed)
-    return SegmentationModel(spec, hw, num_classes, method).eval()
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1 (got {num_classes})")
+    with torch.random.fork_rng():  # deterministic weights without touching the caller's random state
+        torch.manual_seed(seed)
+        return SegmentationModel(spec, hw, num_classes, method).eval()
