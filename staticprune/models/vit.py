@@ -8,8 +8,8 @@ in through a `TokenHook` that the blocks call between attention and MLP and afte
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,11 @@ class LayerNorm(nn.LayerNorm):
 
 
 class TokenHook(Protocol):
-    """What a token-reduction method implements to plug into the backbone."""
+    """What a token-reduction method implements to plug into the backbone.
+
+    A hook may also define `embed(backbone, img) -> TokenState` to build the initial tokens itself
+    (patch-level sharing such as CTS replaces the patch embedding of shared groups).
+    """
 
     def after_attention(self, layer: int, state: TokenState, keys: Tensor) -> TokenState: ...
 
@@ -184,7 +188,8 @@ class VisionTransformer(nn.Module):
         self, img: Tensor, hook: Optional[TokenHook] = None
     ) -> tuple[TokenState, list[TokenState]]:
         """Returns the final state (after `norm` if configured) and the states after `out_indices` blocks."""
-        state = self.embed(img)
+        custom_embed = getattr(hook, "embed", None) if hook is not None else None
+        state = custom_embed(self, img) if custom_embed is not None else self.embed(img)
         outs: list[TokenState] = []
         for i, block in enumerate(self.blocks):
             state = block.forward_state(i, state, hook, self.proportional_attention)
