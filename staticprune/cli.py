@@ -305,20 +305,24 @@ def bench_model(cfg, onnx_path: Optional[str], warmup: int, repeats: int, backen
 
 
 def format_bench(result: dict) -> str:
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(result["gflops_by_op"].items(), key=lambda kv: -kv[1]))
     lines = [f"{result['model']} {result['size'][0]}x{result['size'][1]} classes={result['classes']} "
              f"method={result['method']} batch={result['batch']}",
-             f"GFLOPs (batch 1, fvcore convention: 1 multiply-add = 1 FLOP): {result['gflops']:.2f}",
-             f"{'backend':<18} {'min ms':>10} {'median ms':>10} {'max ms':>10}  (warm-up {result['latency'][0]['warmup'] if result['latency'] else 0}, threads {result['threads']})"]
+             f"GFLOPs (batch 1, fvcore convention: 1 multiply-add = 1 FLOP): {result['gflops']:.2f}  [{parts}]"]
+    if result["latency"]:
+        lines.append(f"{'backend':<18} {'min ms':>10} {'median ms':>10} {'max ms':>10}  "
+                     f"(warm-up {result['latency'][0]['warmup']}, repeats {result['latency'][0]['repeats']}, "
+                     f"threads {result['threads']})")
     for lat in result["latency"]:
         lines.append(f"{lat['backend']:<18} {lat['min_ms']:>10.1f} {lat['median_ms']:>10.1f} {lat['max_ms']:>10.1f}")
     return "\n".join(lines)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    backends = [b.strip() for b in args.backends.split(",") if b.strip() and b.strip() != "none"]
     unknown = set(backends) - {"torch", "ort"}
-    if unknown or not backends:
-        raise UsageError(f"--backends takes a comma list of torch, ort (got '{args.backends}')")
+    if unknown:
+        raise UsageError(f"--backends takes a comma list of torch, ort, or none (got '{args.backends}')")
     if args.onnx:
         proto = _load_onnx(args.onnx)
         cfg = _config_from_onnx(proto, args)
@@ -358,7 +362,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = ModelConfig(model=args.model, size=_size(args.size), classes=args.classes, weights=args.weights, labels=True)
     t0 = time.perf_counter()
     outcome = run_export(cfg, str(onnx_path), 17, DEFAULT_TARGET, "torchscript", True, 2, 1e-4)
-    other = {t: lint_model(str(onnx_path), t).ok for t in ("orin-jp60", "orin-jp5", "x86-trt10")}
+    other = {t: lint_model(str(onnx_path), t) for t in ("orin-jp60", "orin-jp5", "x86-trt10")}
     with step("benchmarking"):
         bench = bench_model(cfg, str(onnx_path), 2, args.repeats, ("torch", "ort"))
     logits = next(o for o in outcome.verify.outputs if o.name == "logits")
@@ -369,7 +373,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   + (f"weights {cfg.weights}" if cfg.weights else "random weights (seed 0)")),
         ("ONNX", f"{onnx_path} (opset 17, {outcome.path.stat().st_size / 1e6:.1f} MB, outputs logits + int32 labels)"),
         ("lint orin-jp6", "clean" if outcome.lint_ok else f"{len(outcome.lint.errors)} violation(s)"),
-        ("lint others", ", ".join(f"{t} {'clean' if ok else 'violations'}" for t, ok in other.items())),
+        ("lint others", ", ".join(
+            f"{t} " + ("clean" if r.ok else "violations: " + ",".join(sorted({v.rule for v in r.errors}))
+                       + (" (export with --target orin-jp5 to decompose it)" if t == "orin-jp5" else ""))
+            for t, r in other.items())),
         ("verify logits", f"max abs {logits.max_abs:.2e} (tol 1e-4) {'ok' if logits.ok else 'FAIL'}"),
         ("verify labels", "n/a" if labels is None else f"agreement {100 * labels.agreement:.4f}%, {labels.breaches} flip(s) above margin"),
         ("GFLOPs", f"{bench['gflops']:.2f} (fvcore convention)"),
@@ -384,6 +391,87 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"{k:<{width}}  {v}")
     ok = outcome.lint_ok and outcome.verify_ok
     return EXIT_OK if ok else EXIT_CHECK_FAILED
+
+
+def _reference_model(args: argparse.Namespace):
+    """The unreduced model (with weights) that the eager reference runs on, and the method options."""
+    args.labels = False
+    cfg = _model_config(args)
+    if cfg.method == "none":
+        raise UsageError("--method is required (one of: " + ", ".join(__import__("staticprune.methods", fromlist=["x"]).available_methods()) + ")")
+    method, options = cfg.method, cfg.method_options
+    cfg.method, cfg.method_options = "none", {}
+    return _build(cfg), method, options, cfg
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from staticprune.calibrate import calibrate, calibration_inputs
+    from staticprune.methods import method_module
+
+    model, method, options, cfg = _reference_model(args)
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise UsageError(f"output '{out}' exists; pass --force to overwrite it")
+    if not 0.0 < args.quantile <= 1.0:
+        raise UsageError(f"--quantile must be in (0, 1] (got {args.quantile})")
+    try:
+        inputs = list(calibration_inputs(model, args.images, args.count, args.seed))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    source = args.images or f"{len(inputs)} generated inputs"
+    with step(f"running the eager {method} reference over {source}"):
+        try:
+            cal = calibrate(model, method, options, inputs)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    recommended = method_module(method).calibrated_options(cal.kept, args.quantile, dict(options))
+    stats = cal.stats()
+    n_tokens = model.grid[0] * model.grid[1]
+    print(f"{method} on {cfg.model} {cfg.size[0]}x{cfg.size[1]} ({n_tokens} patch tokens), {cal.images} image(s)")
+    print(f"{'point':<16} {'mean':>8} {'p50':>8} {'p99':>8} {'max':>8}")
+    for point, st in stats.items():
+        print(f"{point:<16} {st['mean']:>8.1f} {st['p50']:>8.0f} {st['p99']:>8.1f} {st['max']:>8.0f}")
+    print("recommended options (quantile %.3g): %s" % (args.quantile, json.dumps(recommended, sort_keys=True)))
+    _write_json(str(out), {"method": method, "method_options": recommended, "model": cfg.model, "size": list(cfg.size),
+                           "quantile": args.quantile, "images": cal.images, "source": source, "kept": stats})
+    return EXIT_OK
+
+
+def cmd_show_tokens(args: argparse.Namespace) -> int:
+    import torch
+
+    from staticprune.export.onnx_export import write_bytes_atomic
+    from staticprune.imageio import load_input
+    from staticprune.models import get_spec
+    from staticprune.reference import reference_module
+    from staticprune.visualize import denormalise, partition_picture
+
+    model, method, options, cfg = _reference_model(args)
+    spec = get_spec(cfg.model)
+    try:
+        img = load_input(args.image, cfg.size, spec.mean, spec.std)[:1]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    with torch.no_grad():
+        try:
+            ref = reference_module(method).reference_forward(model, img, options)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    n_tokens = model.grid[0] * model.grid[1]
+    owner = ref.owner[0].numpy() if ref.owner is not None else __import__("numpy").arange(n_tokens)
+    kept = {p: c[0] for p, c in ref.kept.items()}
+    final = list(kept.values())[-1] if kept else n_tokens
+    caption = f"{method}: {final} of {n_tokens} tokens kept" + (
+        " (" + ", ".join(f"{p} {c}" for p, c in kept.items()) + ")" if len(kept) > 1 else "")
+    labels = ref.token_labels[0].numpy() if ref.token_labels is not None else None
+    picture = partition_picture(denormalise(img[0], spec.mean, spec.std), owner, model.grid, caption, labels)
+    import io
+
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    write_bytes_atomic(buf.getvalue(), args.output)
+    print(f"{caption}; wrote {args.output}")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------- parser
@@ -448,9 +536,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, required=False)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--backends", default="torch,ort", help="comma list of torch, ort")
+    p.add_argument("--backends", default="torch,ort", help="comma list of torch, ort; 'none' = GFLOPs only")
     p.add_argument("--json")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("calibrate", help="measure kept tokens with the eager reference; write capacities to a config")
+    _add_model_args(p, required=True)
+    p.add_argument("--images", help="directory of images (default: generated inputs)")
+    p.add_argument("--count", type=int, default=16, help="images to use (default 16; 0 = all in --images)")
+    p.add_argument("--quantile", type=float, default=0.99, help="capacity quantile (default 0.99)")
+    p.add_argument("-o", "--output", default="calibration.json", help="config file for 'export --config'")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("show-tokens", help="picture of the token partition of one image")
+    p.add_argument("image", help="image file (png, jpg) or .npy")
+    _add_model_args(p, required=False)
+    p.add_argument("-o", "--output", required=True, help="output .png")
+    p.set_defaults(func=cmd_show_tokens, model="segmenter-vit-s-mask", size="512x512")
 
     p = sub.add_parser("models", help="list model names")
     p.set_defaults(func=cmd_models)

@@ -23,6 +23,7 @@ class ReferenceOutput:
     kept: dict[str, list[int]]  # reduction point -> tokens kept after it, one count per image
     decisions: dict[str, Tensor] = field(default_factory=dict)  # point -> decisions, same encoding as the static
     owner: Tensor | None = None  # (B, N0) final group id of every patch (for show-tokens); None = no reduction
+    token_labels: Tensor | None = None  # (B, N0) optional per-patch label to colour, e.g. the stage a token exited at
 
 
 def reference_module(method: str):
