@@ -262,6 +262,10 @@ def _inputs_for(cfg, args: argparse.Namespace) -> list:
 def cmd_verify(args: argparse.Namespace) -> int:
     from staticprune.verify.parity import verify_onnx
 
+    if args.engine:
+        return cmd_verify_engine(args)
+    if not args.onnx:
+        raise UsageError("verify needs an ONNX file (or --engine ENGINE)")
     proto = _load_onnx(args.onnx)
     cfg = _config_from_onnx(proto, args)
     with step(f"rebuilding {cfg.model} {cfg.size[0]}x{cfg.size[1]} method={cfg.method} in PyTorch"):
@@ -474,6 +478,96 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_methods_report(args: argparse.Namespace) -> int:
+    from staticprune.bench.methods_report import (
+        MethodRow, format_table, measure_method, replace_between_markers, rows_to_json,
+    )
+    from staticprune.export.onnx_export import write_bytes_atomic
+    from staticprune.methods import available_methods
+
+    names = available_methods()
+    chosen = [m.strip() for m in args.methods.split(",")] if args.methods else names
+    unknown = [m for m in chosen if m not in names]
+    if unknown:
+        raise UsageError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(names)}")
+    if args.quick:
+        big, big_model, l2, images = (256, 256), "segmenter-vit-s-mask", (128, 128), 2
+    else:
+        big, big_model, l2, images = (1024, 1024), "segmenter-vit-b-mask", (512, 512), args.images
+    t0 = time.perf_counter()
+    rows = []
+    for method in chosen:
+        with step(f"measuring {method}"):
+            try:
+                rows.append(measure_method(method, args.cases, l2, big, big_model, images, args.quantile,
+                                           args.classes, args.repeats, log))
+            except Exception as exc:  # a broken method must not hide the others' rows; the row says what failed
+                rows.append(MethodRow(method, error=f"{exc.__class__.__name__}: {exc}"))
+    import torch
+
+    meta = {"command": "staticprune methods-report" + (" --quick" if args.quick else ""), "seconds": time.perf_counter() - t0,
+            "threads": torch.get_num_threads(), "cases": args.cases, "l2_size": f"{l2[0]}x{l2[1]}",
+            "big_model": big_model, "big_size": f"{big[0]}x{big[1]}", "quantile": args.quantile, "images": images}
+    table = format_table(rows, meta)
+    print(table)
+    _write_json(args.json, json.loads(rows_to_json(rows, meta)))
+    if args.update_readme:
+        readme = Path(args.update_readme)
+        write_bytes_atomic(replace_between_markers(readme.read_text(), "methods-table", table).encode(), readme)
+        log(f"[staticprune] updated the methods table in {readme}")
+    failed = any(r.error or r.l2_ok is False or r.lint_jp6 is False or r.lint_jp60 is False
+                 or r.l1_equal < r.l1_cases - r.l1_overflow_cases for r in rows)
+    return EXIT_CHECK_FAILED if failed else EXIT_OK
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from staticprune.pipeline import read_config
+    from staticprune.trt import TensorRTUnavailable, build_engine
+
+    proto = _load_onnx(args.onnx)
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise UsageError(f"output '{out}' exists; pass --force to overwrite it")
+    for lib in args.plugins or []:
+        if not Path(lib).is_file():
+            raise UsageError(f"plugin library '{lib}' does not exist; build it with 'make plugins'")
+    cfg = read_config(proto)
+    meta = json.loads(cfg.to_json()) if cfg else {}
+    try:
+        with step(f"building a TensorRT engine from {args.onnx}{' (fp16)' if args.fp16 else ''}"):
+            sidecar = build_engine(args.onnx, str(out), fp16=args.fp16, plugins=args.plugins or [],
+                                   timing_cache=args.timing_cache, workspace_mb=args.workspace, metadata=meta)
+    except TensorRTUnavailable as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {out} and {out}.json (TensorRT {sidecar['tensorrt']}, built in {sidecar['build_seconds']:.1f} s)")
+    return EXIT_OK
+
+
+def cmd_verify_engine(args: argparse.Namespace) -> int:
+    from staticprune.trt import TensorRTUnavailable, verify_engine
+
+    sidecar_path = Path(args.engine + ".json")
+    if not Path(args.engine).is_file():
+        raise UsageError(f"engine '{args.engine}' does not exist")
+    onnx_path = args.onnx or (json.loads(sidecar_path.read_text())["onnx"] if sidecar_path.is_file() else None)
+    if not onnx_path or not Path(onnx_path).is_file():
+        raise UsageError("give the standard-op ONNX graph to compare with (positional argument), or keep the sidecar")
+    proto = _load_onnx(onnx_path)
+    cfg = _config_from_onnx(proto, args)
+    inputs = _inputs_for(cfg, args)
+    name = proto.graph.input[0].name
+    try:
+        result = verify_engine(args.engine, onnx_path, [{name: x.numpy()} for x in inputs], plugins=args.plugins or [],
+                               atol=args.atol, rtol=args.rtol)
+    except TensorRTUnavailable as exc:
+        raise UsageError(str(exc)) from None
+    for out_name, entry in result["outputs"].items():
+        print(f"{out_name:<20} max abs {entry['max_abs']:.3e}  elements outside atol+rtol*|ref|: {entry['failing']}")
+    print(("PASS" if result["ok"] else "FAIL") + f": engine vs ONNX Runtime, {result['inputs']} input(s)")
+    _write_json(args.json, result)
+    return EXIT_OK if result["ok"] else EXIT_CHECK_FAILED
+
+
 # --------------------------------------------------------------------------------------------- parser
 
 
@@ -522,8 +616,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json")
     p.set_defaults(func=cmd_lint)
 
-    p = sub.add_parser("verify", help="compare ONNX Runtime with PyTorch")
-    p.add_argument("onnx")
+    p = sub.add_parser("verify", help="compare ONNX Runtime with PyTorch (or a TensorRT engine with ONNX Runtime)")
+    p.add_argument("onnx", nargs="?")
+    p.add_argument("--engine", help="TensorRT engine to compare with ONNX Runtime on the standard-op graph")
+    p.add_argument("--plugins", action="append", help="plugin library to load (repeatable)")
+    p.add_argument("--atol", type=float, default=1e-2, help="engine check: absolute tolerance (default 1e-2, fp16)")
+    p.add_argument("--rtol", type=float, default=1e-2, help="engine check: relative tolerance (default 1e-2)")
     _add_model_args(p, required=False)
     p.add_argument("--input", action="append", help="image or .npy input (repeatable); default: generated")
     p.add_argument("--inputs", type=int, default=2, help="number of generated inputs (default 2)")
@@ -554,6 +652,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, required=False)
     p.add_argument("-o", "--output", required=True, help="output .png")
     p.set_defaults(func=cmd_show_tokens, model="segmenter-vit-s-mask", size="512x512")
+
+    p = sub.add_parser("methods-report", help="measure every method (L1, L2, lint, kept tokens, GFLOPs, latency)")
+    p.add_argument("--methods", help="comma list (default: all)")
+    p.add_argument("--quick", action="store_true", help="small sizes (ViT-S 256x256) instead of ViT-B 1024x1024")
+    p.add_argument("--cases", type=int, default=50, help="L1 cases per method (default 50)")
+    p.add_argument("--images", type=int, default=4, help="generated images for kept tokens (default 4)")
+    p.add_argument("--quantile", type=float, default=0.99)
+    p.add_argument("--classes", type=int, default=19)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", help="write the rows as JSON")
+    p.add_argument("--update-readme", metavar="README", help="replace the table between the methods-table markers")
+    p.set_defaults(func=cmd_methods_report)
+
+    p = sub.add_parser("build", help="build a TensorRT engine (needs TensorRT) with a JSON sidecar")
+    p.add_argument("onnx")
+    p.add_argument("-o", "--output", required=True, help="output .engine path")
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--plugins", action="append", help="plugin library to load (repeatable)")
+    p.add_argument("--timing-cache", help="timing cache file (read if present, then updated)")
+    p.add_argument("--workspace", type=int, default=4096, help="workspace MiB (default 4096)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("models", help="list model names")
     p.set_defaults(func=cmd_models)

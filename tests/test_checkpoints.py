@@ -320,3 +320,16 @@ def test_detect_layout_and_convert():
     bare = {k[len("backbone."):]: v for k, v in mm.items() if k.startswith("backbone.")}
     conv = convert_state_dict(bare, "auto", model, backbone_only=True)
     assert set(conv) == {k for k in model.state_dict() if k.startswith("backbone.")}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_bytes_never_escape_as_another_exception(tmp_path, seed):
+    import random
+
+    from staticprune.models.checkpoints import CheckpointError, read_state_dict
+
+    rng = random.Random(seed)
+    junk = tmp_path / f"junk{seed}.pth"
+    junk.write_bytes(bytes(rng.getrandbits(8) for _ in range(rng.choice([1, 7, 64, 300]))))
+    with pytest.raises(CheckpointError, match=f"junk{seed}.pth"):
+        read_state_dict(junk)

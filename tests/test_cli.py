@@ -175,3 +175,16 @@ def test_demo_prints_the_summary_table(capsys, tmp_path):
     for row in ("lint orin-jp6  clean", "verify logits", "GFLOPs", "PyTorch CPU", "ORT CPU"):
         assert row in out
     assert (tmp_path / "segmenter-vit-t-mask-64x96.onnx").is_file()
+
+
+def test_build_without_tensorrt_is_one_clear_line(exported, capsys, tmp_path):
+    pytest.importorskip("numpy")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here: the guard is not exercised")
+    except ImportError:
+        pass
+    engine = tmp_path / "m.engine"
+    code, _, err = _run(capsys, "build", str(exported), "-o", str(engine))
+    assert code == 2 and "TensorRT" in _one_error_line(err)
+    assert not engine.exists() and not (tmp_path / "m.engine.json").exists()

@@ -143,7 +143,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, Tensor]:
                 "(or ['model'] for Segmenter files)"
             ) from None
         raise CheckpointError(f"checkpoint {name} is not a readable PyTorch checkpoint (corrupt or another format)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+    except Exception as e:  # a corrupt file can raise almost anything from the unpickler (IndexError, ...)
         reason = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
         if isinstance(e, EOFError):
             reason = "file is empty or truncated"

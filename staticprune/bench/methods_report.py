@@ -1,0 +1,188 @@
+"""The README's methods table, measured: L1, L2, lint, kept tokens, GFLOPs and ONNX Runtime latency per method.
+
+For each method:
+* L1: the static module against the eager reference on `cases` generated inputs (small model, batch 1 and 2,
+  square and non-square), with the method's default options: decisions equal and max abs logit error.
+* L2: the static graph exported at the L2 size, ONNX Runtime vs the static module (decision-aware verify).
+* lint: that graph for orin-jp6 and orin-jp60.
+* kept tokens, GFLOPs, latency: at the large size, the eager reference's mean kept tokens at the last reduction
+  point; capacities calibrated from those runs (the chosen quantile); GFLOPs of the static graph at those
+  capacities; ONNX Runtime CPU median latency of the static graph and of the unreduced graph, measured in one run.
+
+Random weights (no pretrained weights can be downloaded here): kept-token counts reflect random features, not
+real images; the table says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from staticprune.bench.flops import count_flops
+from staticprune.bench.latency import time_callable
+from staticprune.export.lint import lint_model
+from staticprune.export.onnx_export import export_to_proto, save_atomic
+from staticprune.methods import build_static_method, method_module
+from staticprune.models import build_model
+from staticprune.reference import reference_module
+from staticprune.verify.levels import l1_compare, run_static
+from staticprune.verify.parity import generated_inputs, ort_session, verify_onnx
+
+# Which model family each method runs on (DToP and STEP need the SegViT ATM head).
+SEGVIT_METHODS = {"dtop", "step"}
+
+
+@dataclass
+class MethodRow:
+    method: str
+    l1_cases: int = 0
+    l1_equal: int = 0
+    l1_max_abs: float = 0.0
+    l1_overflow_cases: int = 0
+    l2_ok: Optional[bool] = None
+    l2_max_abs: Optional[float] = None
+    l2_decisions: str = ""
+    lint_jp6: Optional[bool] = None
+    lint_jp60: Optional[bool] = None
+    model: str = ""
+    size: str = ""
+    tokens: int = 0
+    mean_kept: Optional[float] = None
+    options: dict[str, Any] = field(default_factory=dict)
+    gflops: Optional[float] = None
+    gflops_unreduced: Optional[float] = None
+    ort_ms: Optional[float] = None
+    ort_ms_unreduced: Optional[float] = None
+    error: str = ""
+
+
+def _with_method(name: str, hw: tuple[int, int], classes: int, method: str, options: dict) -> torch.nn.Module:
+    model = build_model(name, hw, num_classes=classes)
+    model.method = build_static_method(method, options, model)
+    return model.eval()
+
+
+def run_l1(method: str, cases: int, classes: int = 5) -> tuple[int, int, float, int]:
+    """(cases, cases with equal decisions, max abs logit error over those, cases that overflowed)."""
+    name = "segvit-vit-b-atm" if method in SEGVIT_METHODS else "segmenter-vit-t-mask"
+    sizes = [(64, 64), (48, 80), (80, 48)] if method not in SEGVIT_METHODS else [(64, 64), (48, 48)]
+    equal, worst, overflowed = 0, 0.0, 0
+    ref = reference_module(method)
+    for i in range(cases):
+        hw = sizes[i % len(sizes)]
+        batch = 1 + (i % 2)
+        model = _with_method(name, hw, classes, method, {"expose_decisions": True})
+        img = generated_inputs((batch, 3, *hw), 1, seed=1000 + i)[0]
+        static = run_static(model, img)
+        with torch.no_grad():
+            plain = build_model(name, hw, num_classes=classes)
+            result = l1_compare(static, ref.reference_forward(plain, img, {}))
+        if result.overflow:
+            overflowed += 1
+            continue
+        if result.decisions_equal:
+            equal += 1
+            worst = max(worst, result.max_abs)
+    return cases, equal, worst, overflowed
+
+
+def measure_method(method: str, cases: int, l2_size: tuple[int, int], big: tuple[int, int], big_model: str,
+                   images: int, quantile: float, classes: int, repeats: int,
+                   log: Callable[[str], None] = lambda s: None) -> MethodRow:
+    row = MethodRow(method)
+    log(f"{method}: L1 over {cases} cases")
+    row.l1_cases, row.l1_equal, row.l1_max_abs, row.l1_overflow_cases = run_l1(method, cases)
+
+    l2_model = "segvit-vit-b-atm" if method in SEGVIT_METHODS else "segmenter-vit-s-mask"
+    log(f"{method}: L2 {l2_model} {l2_size[0]}x{l2_size[1]}")
+    model = _with_method(l2_model, l2_size, classes, method, {"expose_decisions": True})
+    x = generated_inputs((1, 3, *l2_size), 1, seed=1)[0]
+    proto = export_to_proto(model, x, opset=17, output_names=model.output_names()).model
+    report = verify_onnx(proto, model, generated_inputs((1, 3, *l2_size), 1, seed=2))
+    feats = [o for o in report.outputs if o.dtype.startswith("float") and not o.name.startswith("margin_")]
+    decisions = [o for o in report.outputs if o.name.startswith("decision_")]
+    row.l2_ok, row.l2_max_abs = report.ok, max(o.max_abs for o in feats)
+    row.l2_decisions = f"{sum(o.mismatches == 0 for o in decisions)}/{len(decisions)} points equal"
+    row.lint_jp6, row.lint_jp60 = lint_model(proto, "orin-jp6").ok, lint_model(proto, "orin-jp60").ok
+
+    name = "segvit-vit-b-atm" if method in SEGVIT_METHODS else big_model
+    row.model, row.size = name, f"{big[0]}x{big[1]}"
+    log(f"{method}: reference over {images} image(s) at {name} {row.size}")
+    plain = build_model(name, big, num_classes=classes)
+    row.tokens = plain.grid[0] * plain.grid[1]
+    kept: dict[str, list[int]] = {}
+    ref = reference_module(method)
+    with torch.no_grad():
+        for img in generated_inputs((1, 3, *big), images, seed=50):
+            out = ref.reference_forward(plain, img, {})
+            for point, counts in out.kept.items():
+                kept.setdefault(point, []).extend(counts)
+    if kept:
+        last = list(kept)[-1]
+        row.mean_kept = sum(kept[last]) / len(kept[last])
+    row.options = method_module(method).calibrated_options(kept, quantile, {})
+    static = _with_method(name, big, classes, method, row.options)
+    row.gflops = count_flops(static, (1, 3, *big)).gflops
+    row.gflops_unreduced = count_flops(plain, (1, 3, *big)).gflops
+    log(f"{method}: ONNX Runtime latency, static vs unreduced")
+    with tempfile.TemporaryDirectory() as tmp:
+        x = generated_inputs((1, 3, *big), 1, seed=3)[0]
+        timings = {}
+        for label, m in (("static", static), ("unreduced", plain)):
+            path = os.path.join(tmp, f"{label}.onnx")
+            save_atomic(export_to_proto(m, x, opset=17, output_names=m.output_names()).model, path)
+            sess = ort_session(path)
+            feeds = {sess.get_inputs()[0].name: x.numpy()}
+            timings[label] = time_callable(lambda: sess.run(None, feeds), label, warmup=1, repeats=repeats).median_ms
+        row.ort_ms, row.ort_ms_unreduced = timings["static"], timings["unreduced"]
+    return row
+
+
+def format_table(rows: list[MethodRow], meta: dict) -> str:
+    head = ("| method | L1 (static = reference) | L2 (ORT = static) | lint orin-jp6 | lint orin-jp60 | "
+            "mean kept tokens | GFLOPs (static / unreduced) | ORT CPU ms (static / unreduced) |")
+    lines = [head, "|" + " --- |" * 8]
+
+    def yes(v: Optional[bool]) -> str:
+        return "n/a" if v is None else ("clean" if v else "**violations**")
+
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.method} | error: {r.error} | | | | | | |")
+            continue
+        l1 = f"{r.l1_equal}/{r.l1_cases - r.l1_overflow_cases} decisions equal, max abs {r.l1_max_abs:.1e}"
+        if r.l1_overflow_cases:
+            l1 += f" ({r.l1_overflow_cases} overflow cases excluded)"
+        l2 = "n/a" if r.l2_ok is None else f"{'ok' if r.l2_ok else 'FAIL'}, {r.l2_decisions}, max abs {r.l2_max_abs:.1e}"
+        kept = "n/a" if r.mean_kept is None else f"{r.mean_kept:.0f} / {r.tokens}"
+        flops = "n/a" if r.gflops is None else f"{r.gflops:.1f} / {r.gflops_unreduced:.1f} ({r.gflops_unreduced / r.gflops:.2f}x)"
+        lat = ("n/a" if r.ort_ms is None else
+               f"{r.ort_ms:.0f} / {r.ort_ms_unreduced:.0f} ({r.ort_ms_unreduced / r.ort_ms:.2f}x)")
+        lines.append(f"| {r.method} | {l1} | {l2} | {yes(r.lint_jp6)} | {yes(r.lint_jp60)} | {kept} | {flops} | {lat} |")
+    lines.append("")
+    lines.append(f"Generated by `{meta['command']}` ({meta['seconds']:.0f} s, {meta['threads']} CPU threads). "
+                 f"L1: {meta['cases']} generated cases per method on ViT-T (SegViT-B for DToP/STEP) at 64x64/48x80/80x48, "
+                 f"batch 1 and 2, default options; L2 at {meta['l2_size']}; kept tokens, GFLOPs and latency on "
+                 f"{meta['big_model']} at {meta['big_size']} with capacities calibrated at the {meta['quantile']} "
+                 f"quantile of {meta['images']} generated image(s). Random weights: kept-token counts describe random "
+                 "features, not real images.")
+    return "\n".join(lines)
+
+
+def replace_between_markers(text: str, marker: str, body: str) -> str:
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"markers {start} / {end} not found")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+def rows_to_json(rows: list[MethodRow], meta: dict) -> str:
+    return json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2)
