@@ -103,7 +103,7 @@ def _model_config(args: argparse.Namespace):
     return ModelConfig(
         model=args.model, size=_size(args.size), classes=args.classes, batch=args.batch, seed=args.seed,
         weights=args.weights, weights_layout=args.weights_layout, method=method, method_options=options,
-        labels=getattr(args, "labels", False),
+        labels=getattr(args, "labels", False), raw_input=getattr(args, "raw_input", False),
     )
 
 
@@ -127,7 +127,7 @@ def _build(cfg):
 def _write_json(path: Optional[str], payload: dict) -> None:
     if not path:
         return
-    from staticprune.export.onnx_export import write_bytes_atomic
+    from staticprune.fileio import write_bytes_atomic
 
     write_bytes_atomic((json.dumps(payload, indent=2) + "\n").encode(), path)
     log(f"[staticprune] wrote {path}")
@@ -163,8 +163,8 @@ def run_export(cfg, out: str, opset: int, target: str, exporter: str, slim: bool
     from staticprune.export.lint import lint_model
     from staticprune.export.onnx_export import ExportError, export_to_proto, save_atomic
     from staticprune.export.targets import get_target
-    from staticprune.pipeline import attach_config
-    from staticprune.verify.parity import generated_inputs, verify_onnx
+    from staticprune.pipeline import attach_config, example_inputs
+    from staticprune.verify.parity import verify_onnx
 
     times = {}
     cfg.decompose_layernorm = not get_target(target).supports_layernorm
@@ -172,11 +172,10 @@ def run_export(cfg, out: str, opset: int, target: str, exporter: str, slim: bool
     with step(f"building {cfg.model} {cfg.size[0]}x{cfg.size[1]} method={cfg.method}"):
         model = _build(cfg)
     times["build"] = time.perf_counter() - t0
-    shape = (cfg.batch, 3, *cfg.size)
     t0 = time.perf_counter()
     with step(f"exporting to ONNX (opset {opset}, {exporter})"):
         try:
-            result = export_to_proto(model, generated_inputs(shape, 1, seed=cfg.seed)[0], opset=opset,
+            result = export_to_proto(model, example_inputs(cfg, 1, cfg.seed)[0], opset=opset,
                                      output_names=model.output_names(), exporter=exporter, slim=slim)
         except ExportError as exc:
             log(f"staticprune: export check failed: {exc}")
@@ -188,7 +187,7 @@ def run_export(cfg, out: str, opset: int, target: str, exporter: str, slim: bool
     times["lint"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     with step(f"verifying ONNX Runtime vs PyTorch on {verify_inputs} input(s)"):
-        report = verify_onnx(result.model, model, generated_inputs(shape, verify_inputs, seed=cfg.seed + 1), tol=tol,
+        report = verify_onnx(result.model, model, example_inputs(cfg, verify_inputs, cfg.seed + 1), tol=tol,
                              output_names=result.output_names)
     times["verify"] = time.perf_counter() - t0
     path = save_atomic(result.model, out)
@@ -244,19 +243,19 @@ def _config_from_onnx(proto, args: argparse.Namespace):
 def _inputs_for(cfg, args: argparse.Namespace) -> list:
     from staticprune.imageio import load_input
     from staticprune.models import get_spec
-    from staticprune.verify.parity import generated_inputs
+    from staticprune.pipeline import example_inputs
 
     if args.input:
         spec = get_spec(cfg.model)
         tensors = []
         for path in args.input:
             try:
-                t = load_input(path, cfg.size, spec.mean, spec.std)
+                t = load_input(path, cfg.size, spec.mean, spec.std, raw=cfg.raw_input)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
             tensors.append(t.expand(cfg.batch, -1, -1, -1).contiguous() if t.shape[0] == 1 else t)
         return tensors
-    return generated_inputs((cfg.batch, 3, *cfg.size), args.inputs, seed=args.seed + 1)
+    return example_inputs(cfg, args.inputs, args.seed + 1)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -283,15 +282,15 @@ def bench_model(cfg, onnx_path: Optional[str], warmup: int, repeats: int, backen
     import torch
 
     from staticprune.bench import count_flops, time_callable
-    from staticprune.verify.parity import generated_inputs, ort_session
+    from staticprune.pipeline import example_inputs
+    from staticprune.verify.parity import ort_session
 
     model = _build(cfg)
-    shape = (cfg.batch, 3, *cfg.size)
     flops = count_flops(model, (1, 3, *cfg.size))
     result = {"model": cfg.model, "size": list(cfg.size), "classes": cfg.classes, "method": cfg.method,
               "batch": cfg.batch, "gflops": flops.gflops, "gflops_by_op": {k: v / 1e9 for k, v in flops.by_op.items()},
               "flop_convention": flops.convention, "threads": torch.get_num_threads(), "latency": []}
-    x = generated_inputs(shape, 1, seed=cfg.seed)[0]
+    x = example_inputs(cfg, 1, cfg.seed)[0]
     if "torch" in backends:
         with step("timing PyTorch CPU"), torch.no_grad():
             result["latency"].append(time_callable(lambda: model(x), "pytorch-cpu", warmup, repeats).to_dict())
@@ -444,7 +443,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_show_tokens(args: argparse.Namespace) -> int:
     import torch
 
-    from staticprune.export.onnx_export import write_bytes_atomic
+    from staticprune.fileio import write_bytes_atomic
     from staticprune.imageio import load_input
     from staticprune.models import get_spec
     from staticprune.reference import reference_module
@@ -482,7 +481,7 @@ def cmd_methods_report(args: argparse.Namespace) -> int:
     from staticprune.bench.methods_report import (
         MethodRow, format_table, measure_method, replace_between_markers, rows_to_json,
     )
-    from staticprune.export.onnx_export import write_bytes_atomic
+    from staticprune.fileio import write_bytes_atomic
     from staticprune.methods import available_methods
 
     names = available_methods()
@@ -521,9 +520,13 @@ def cmd_methods_report(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from staticprune.pipeline import read_config
-    from staticprune.trt import TensorRTUnavailable, build_engine
+    # No torch on this path: engines are often built on a Jetson that only has TensorRT, onnx and numpy.
+    from staticprune.trt import TensorRTUnavailable, build_engine, require_tensorrt
 
+    try:
+        require_tensorrt()
+    except TensorRTUnavailable as exc:
+        raise UsageError(str(exc)) from None
     proto = _load_onnx(args.onnx)
     out = Path(args.output)
     if out.exists() and not args.force:
@@ -531,8 +534,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     for lib in args.plugins or []:
         if not Path(lib).is_file():
             raise UsageError(f"plugin library '{lib}' does not exist; build it with 'make plugins'")
-    cfg = read_config(proto)
-    meta = json.loads(cfg.to_json()) if cfg else {}
+    meta = next((json.loads(e.value) for e in proto.metadata_props if e.key == "staticprune"), {})
     try:
         with step(f"building a TensorRT engine from {args.onnx}{' (fp16)' if args.fp16 else ''}"):
             sidecar = build_engine(args.onnx, str(out), fp16=args.fp16, plugins=args.plugins or [],
@@ -602,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17-20 (default 17)")
     p.add_argument("--target", default=DEFAULT_TARGET, help="lint target: orin-jp6, orin-jp60, orin-jp5, x86-trt10")
     p.add_argument("--labels", action="store_true", help="also output int32 argmax labels (B, H, W)")
+    p.add_argument("--raw-input", action="store_true",
+                   help="graph input is RGB in 0..255; the model's mean/std normalisation runs inside the graph")
     p.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"])
     p.add_argument("--no-slim", action="store_true", help="skip the onnxslim pass")
     p.add_argument("--verify-inputs", type=int, default=1, help="generated inputs for verification (default 1)")

@@ -9,8 +9,10 @@ import numpy as np
 import torch
 
 
-def load_input(path: str | Path, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """An image file (resized bilinearly to `size`, normalised) or a .npy array of shape (B, 3, H, W) / (3, H, W)."""
+def load_input(
+    path: str | Path, size: tuple[int, int], mean: Sequence[float], std: Sequence[float], raw: bool = False
+) -> torch.Tensor:
+    """An image file (resized bilinearly to `size`, normalised; 0..255 if `raw`) or a .npy array (B|-, 3, H, W)."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"input '{p}' does not exist or is not a file")
@@ -31,7 +33,8 @@ def load_input(path: str | Path, size: tuple[int, int], mean: Sequence[float], s
     except (UnidentifiedImageError, OSError):
         raise ValueError(f"input '{p}' is not a readable image (png, jpg, ...) or .npy file") from None
     img = img.resize((size[1], size[0]), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = np.asarray(img, dtype=np.float32)
     t = torch.from_numpy(arr).permute(2, 0, 1)
-    t = (t - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    if not raw:
+        t = (t / 255.0 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     return t[None].contiguous()

@@ -30,6 +30,7 @@ class ModelConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     labels: bool = False  # also emit int32 argmax labels from the graph
     decompose_layernorm: bool = False  # for TensorRT 8.5 (JetPack 5), which has no LayerNormalization
+    raw_input: bool = False  # graph input is RGB in 0..255, normalised inside the graph
 
     def validate(self) -> None:
         get_spec(self.model)
@@ -69,8 +70,19 @@ def build(cfg: ModelConfig) -> SegmentationModel:
         load_checkpoint(model, cfg.weights, layout=cfg.weights_layout)
     model.method = build_method(cfg, model)
     model.emit_labels = cfg.labels
+    model.raw_input = cfg.raw_input
     model.set_decomposed_layernorm(cfg.decompose_layernorm)
     return model.eval()
+
+
+def example_inputs(cfg: ModelConfig, count: int, seed: int):
+    """Generated inputs in the scale the graph expects (normalised, or 0..255 RGB with raw_input)."""
+    from staticprune.verify.parity import generated_inputs
+
+    inputs = generated_inputs((cfg.batch, 3, *cfg.size), count, seed=seed)
+    if cfg.raw_input:
+        inputs = [(x * 48.0 + 127.5).clamp(0.0, 255.0) for x in inputs]
+    return inputs
 
 
 def attach_config(proto: onnx.ModelProto, cfg: ModelConfig, extra: Optional[dict[str, Any]] = None) -> None:

@@ -188,3 +188,18 @@ def test_build_without_tensorrt_is_one_clear_line(exported, capsys, tmp_path):
     code, _, err = _run(capsys, "build", str(exported), "-o", str(engine))
     assert code == 2 and "TensorRT" in _one_error_line(err)
     assert not engine.exists() and not (tmp_path / "m.engine.json").exists()
+
+
+def test_raw_input_graph_normalises_inside(capsys, tmp_path):
+    """--raw-input: the graph takes 0..255 RGB and equals the normalised model on the normalised image."""
+    import numpy as np
+    import onnxruntime as ort
+
+    out = tmp_path / "raw.onnx"
+    assert _run(capsys, "export", *TINY, "--raw-input", "-o", str(out))[0] == 0
+    rgb = np.random.default_rng(0).uniform(0, 255, (1, 3, 32, 48)).astype(np.float32)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": rgb})[0]
+    model = build_model("segmenter-vit-t-linear", (32, 48), num_classes=3)
+    with torch.no_grad():
+        want = model(torch.from_numpy((rgb / 255.0 - 0.5) / 0.5))[0].numpy()
+    assert np.abs(got - want).max() <= 1e-4

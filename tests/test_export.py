@@ -4,7 +4,6 @@ import os
 
 import onnx
 import pytest
-import torch
 
 from staticprune.export.lint import lint_model
 from staticprune.export.onnx_export import ExportError, check_opset, default_opset, export_to_proto, save_atomic

@@ -13,6 +13,8 @@ from pathlib import Path
 import onnx
 import torch
 
+from staticprune.fileio import write_bytes_atomic  # noqa: F401  (re-exported)
+
 MIN_OPSET, MAX_OPSET = 17, 20
 
 
@@ -152,21 +154,6 @@ def save_atomic(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
             onnx.save_model(proto, tmp, save_as_external_data=True, location=dest.name + ".data")
         else:
             onnx.save_model(proto, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return dest
-
-
-def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
         os.replace(tmp, dest)
     except BaseException:
         if os.path.exists(tmp):

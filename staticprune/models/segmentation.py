@@ -48,6 +48,10 @@ class SegmentationModel(nn.Module):
             self.decoder = ATMHead(spec.vit.dim, num_classes, spec.atm_dim, spec.atm_heads)
         self.method = method
         self.emit_labels = False
+        # Optional in-graph normalisation: the graph then takes RGB in 0..255 (what DeepStream and cameras give).
+        self.raw_input = False
+        self.register_buffer("pixel_mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0, persistent=False)
 
     def features(self, img: Tensor) -> tuple[list[Tensor], TokenState]:
         """Patch features on the full grid for the decoder (deepest last), and the final token state."""
@@ -57,6 +61,8 @@ class SegmentationModel(nn.Module):
         return [state.patch_tokens()], state
 
     def forward(self, img: Tensor) -> tuple[Tensor, ...]:
+        if self.raw_input:
+            img = (img - self.pixel_mean) / self.pixel_std
         feats, state = self.features(img)
         if self.method is not None and hasattr(self.method, "decode"):
             logits = self.method.decode(self.decoder, feats, state, self.grid, self.image_size)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -58,7 +57,7 @@ def build_engine(
     metadata: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Parse, build and serialise; write the engine and `<engine>.json` atomically. Returns the sidecar."""
-    from staticprune.export.onnx_export import write_bytes_atomic
+    from staticprune.fileio import write_bytes_atomic
 
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
