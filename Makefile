@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.staticprune-installed
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint-code clean
+.PHONY: install demo test bench bench-quick plugins test-gpu clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,20 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -ra
+
+bench: install
+	$(VENV)/bin/staticprune bench-suite -o bench-results --update-readme README.md
+
+bench-quick: install
+	$(VENV)/bin/staticprune bench-suite --quick -o bench-results-quick
+
+# CUDA plugins (TensorRT wrapper too when TENSORRT_INCLUDE_DIR points at TensorRT headers).
+plugins:
+	cmake -S plugins -B build/plugins $(if $(TENSORRT_INCLUDE_DIR),-DTENSORRT_INCLUDE_DIR=$(TENSORRT_INCLUDE_DIR)) && cmake --build build/plugins -j2
+
+# Kernel tests on a CUDA GPU (skipped in CI, which has none).
+test-gpu: install
+	$(PY) -m pytest -q -m gpu tests/test_plugin_kernels_gpu.py
 
 clean:
 	rm -rf out .pytest_cache
