@@ -570,6 +570,46 @@ def cmd_verify_engine(args: argparse.Namespace) -> int:
     return EXIT_OK if result["ok"] else EXIT_CHECK_FAILED
 
 
+def cmd_bench_suite(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    from staticprune.bench.methods_report import replace_between_markers
+    from staticprune.bench.suite import plots, rows_json, run_suite, to_csv, to_markdown
+    from staticprune.methods import available_methods
+
+    names = available_methods()
+    chosen = [m.strip() for m in args.methods.split(",")] if args.methods else names
+    unknown = [m for m in chosen if m not in names]
+    if unknown:
+        raise UsageError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(names)}")
+    sizes = [_size(s) for s in (args.sizes or ("256x256,384x384" if args.quick else "768x768,1024x1024")).split(",")]
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rows = run_suite(chosen, sizes, args.quick, args.images, args.quantile, args.classes, args.warmup, args.repeats, log)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    meta = {"command": "staticprune bench-suite" + (" --quick" if args.quick else ""), "seconds": time.perf_counter() - t0,
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "gpu": gpu,
+            "repeats": args.repeats, "warmup": args.warmup, "quantile": args.quantile, "images": args.images,
+            "sizes": [f"{h}x{w}" for h, w in sizes]}
+    from staticprune.fileio import write_bytes_atomic
+
+    write_bytes_atomic(rows_json(rows, meta).encode(), out_dir / "results.json")
+    write_bytes_atomic(to_csv(rows).encode(), out_dir / "results.csv")
+    table = to_markdown(rows, meta)
+    write_bytes_atomic((table + "\n").encode(), out_dir / "results.md")
+    pngs = plots(rows, str(out_dir))
+    print(table)
+    print(f"wrote {out_dir}/results.json, results.csv, results.md, " + ", ".join(Path(p).name for p in pngs))
+    if args.update_readme:
+        readme = Path(args.update_readme)
+        write_bytes_atomic(replace_between_markers(readme.read_text(), "performance-table", table).encode(), readme)
+        log(f"[staticprune] updated the performance table in {readme}")
+    return EXIT_CHECK_FAILED if any(r.error for r in rows) else EXIT_OK
+
+
 # --------------------------------------------------------------------------------------------- parser
 
 
@@ -678,6 +718,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", type=int, default=4096, help="workspace MiB (default 4096)")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("bench-suite", help="every method: kept tokens, GFLOPs, latency and speedup vs FLOP reduction")
+    p.add_argument("--methods", help="comma list (default: all)")
+    p.add_argument("--quick", action="store_true", help="ViT-S (SegViT-B) at 256x256 and 384x384")
+    p.add_argument("--sizes", help="comma list of HxW (default 768x768,1024x1024; --quick 256x256,384x384)")
+    p.add_argument("--images", type=int, default=2, help="generated images for the reference's kept tokens")
+    p.add_argument("--quantile", type=float, default=0.99)
+    p.add_argument("--classes", type=int, default=19)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("-o", "--output-dir", default="bench-results")
+    p.add_argument("--update-readme", metavar="README", help="replace the table between the performance-table markers")
+    p.set_defaults(func=cmd_bench_suite)
 
     p = sub.add_parser("models", help="list model names")
     p.set_defaults(func=cmd_models)
