@@ -402,9 +402,8 @@ def _reference_model(args: argparse.Namespace):
     cfg = _model_config(args)
     if cfg.method == "none":
         raise UsageError("--method is required (one of: " + ", ".join(__import__("staticprune.methods", fromlist=["x"]).available_methods()) + ")")
-    method, options = cfg.method, cfg.method_options
-    cfg.method, cfg.method_options = "none", {}
-    return _build(cfg), method, options, cfg
+    # The method module stays attached: references never run it, but some read its parameters (DToP's heads).
+    return _build(cfg), cfg.method, cfg.method_options, cfg
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -139,7 +139,29 @@ def slim_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
     with warnings.catch_warnings(), redirect_stdout(sink), redirect_stderr(sink):
         warnings.simplefilter("ignore")
         # onnxslim's own shape inference costs 10x the rest on large graphs; shapes are already static here.
-        return onnxslim.slim(proto, no_shape_infer=True)
+        slim = onnxslim.slim(proto, no_shape_infer=True)
+    pin_output_shapes(slim)
+    return slim
+
+
+def pin_output_shapes(proto: onnx.ModelProto) -> int:
+    """Give graph outputs their inferred static dims where the exporter declared symbolic ones.
+
+    The TorchScript exporter declares a symbolic dim when it loses track of a shape upstream (a computed Expand or
+    Pad); the graph is static all the same, and runtimes should be told so.
+    """
+    shapes = _static_shapes(proto)
+    pinned = 0
+    for out in proto.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        known = shapes.get(out.name)
+        if known is None or len(known) != len(dims) or all(d.HasField("dim_value") for d in dims):
+            continue
+        for d, value in zip(dims, known):
+            d.Clear()
+            d.dim_value = value
+        pinned += 1
+    return pinned
 
 
 def save_atomic(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:

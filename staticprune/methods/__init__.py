@@ -35,9 +35,18 @@ def register(name: str):
     return wrap
 
 
+_BROKEN: dict[str, str] = {}
+
+
 def _load_all() -> None:
+    """Import every method module; one that fails to import is recorded, not allowed to break the others."""
     for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
+        if info.name in _BROKEN:
+            continue
+        try:
+            importlib.import_module(f"{__name__}.{info.name}")
+        except Exception as exc:  # reported when that method is asked for
+            _BROKEN[info.name] = f"{type(exc).__name__}: {exc}"
 
 
 def available_methods() -> list[str]:
@@ -47,6 +56,8 @@ def available_methods() -> list[str]:
 
 def method_module(name: str):
     _load_all()
+    if name in _BROKEN:
+        raise ImportError(f"method '{name}' failed to import: {_BROKEN[name]}")
     if name not in _BUILDERS:
         raise ValueError(f"unknown method '{name}'; choose one of: none, {', '.join(sorted(_BUILDERS))}")
     return importlib.import_module(_BUILDERS[name].__module__)
