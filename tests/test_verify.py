@@ -71,3 +71,26 @@ def test_decision_flip_with_clear_margin_is_a_breach():
     got["decision_layer1"] = np.array([[3, 0, 2]], dtype=np.int32)
     diffs = {d.name: d for d in compare_outputs(got, ref, tol=1e-4)}
     assert diffs["decision_layer1"].breaches == 1 and not diffs["decision_layer1"].ok
+
+
+def test_decisions_downstream_of_a_near_tie_flip_are_not_comparable():
+    """Layer 6 flips at a near-tie; layers 7 and 10 then differ a lot, layer 2 (upstream) must still be equal."""
+    ref = {name: np.array([[1, 2, 3, 4]], dtype=np.int32) for name in
+           ("decision_layer2", "decision_layer6", "decision_layer7", "decision_layer10")}
+    for name in list(ref):
+        ref[name.replace("decision_", "margin_")] = np.array([[1e-8, 0.5, 0.5, 0.5]], dtype=np.float32)
+    ref["logits"] = np.zeros((1, 2), dtype=np.float32)
+    got = {k: v.copy() for k, v in ref.items()}
+    got["decision_layer6"][0, 0] = 9
+    got["decision_layer7"][0, :] = 0
+    got["decision_layer10"][0, :] = 0
+    got["logits"] += 1.0
+    diffs = {d.name: d for d in compare_outputs(got, ref)}
+    assert diffs["decision_layer6"].ok and diffs["decision_layer6"].comparable
+    assert diffs["decision_layer7"].ok and not diffs["decision_layer7"].comparable
+    assert diffs["decision_layer10"].ok and not diffs["decision_layer10"].comparable
+    assert diffs["logits"].ok and not diffs["logits"].comparable
+    # an upstream point that differs with a clear margin is still a breach
+    got["decision_layer2"][0, 1] = 7
+    diffs = {d.name: d for d in compare_outputs(got, ref)}
+    assert not diffs["decision_layer2"].ok
