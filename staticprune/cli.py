@@ -158,7 +158,8 @@ class ExportOutcome:
     seconds: dict
 
 
-def run_export(cfg, out: str, opset: int, target: str, exporter: str, slim: bool, verify_inputs: int, tol: float) -> ExportOutcome:
+def run_export(cfg, out: str, opset: int, target: str, exporter: str, slim: bool, verify_inputs: int, tol: float,
+               plugins: bool = False) -> ExportOutcome:
     """build -> export -> lint -> verify -> atomic write. The file is written even if a check fails."""
     from staticprune.export.lint import lint_model
     from staticprune.export.onnx_export import ExportError, export_to_proto, save_atomic
@@ -190,8 +191,39 @@ def run_export(cfg, out: str, opset: int, target: str, exporter: str, slim: bool
         report = verify_onnx(result.model, model, example_inputs(cfg, verify_inputs, cfg.seed + 1), tol=tol,
                              output_names=result.output_names)
     times["verify"] = time.perf_counter() - t0
+    if plugins:
+        return _export_plugin_graph(cfg, model, result, out, opset, target, lint, report, times)
     path = save_atomic(result.model, out)
     return ExportOutcome(path, lint.ok, report.ok, lint, report, times)
+
+
+def _export_plugin_graph(cfg, model, standard, out, opset, target, std_lint, report, times) -> ExportOutcome:
+    """--plugins: the plugin graph at `out`, the verified standard graph beside it (for `verify --engine`)."""
+    from staticprune.export.lint import Violation, lint_model
+    from staticprune.export.onnx_export import export_to_proto, save_atomic
+    from staticprune.export.plugin_graph import check_plugin_graph, plugin_nodes
+    from staticprune.pipeline import attach_config, example_inputs
+
+    merges = getattr(model.method, "plugin_merge_points", 0)
+    t0 = time.perf_counter()
+    with step("exporting the TensorRT plugin graph"):
+        plugin = export_to_proto(model, example_inputs(cfg, 1, cfg.seed)[0], opset=opset,
+                                 output_names=model.output_names(), plugins=True).model
+    times["export_plugins"] = time.perf_counter() - t0
+    if not plugin_nodes(plugin):
+        raise UsageError(f"method '{cfg.method}' has no step the plugins replace; export without --plugins")
+    problems = check_plugin_graph(plugin, standard.model, merges)
+    standard_path = Path(out).with_suffix("").as_posix() + ".standard.onnx"
+    attach_config(plugin, cfg, {"opset": opset, "target": target, "outputs": standard.output_names,
+                                "plugins": True, "standard_graph": standard_path})
+    lint = lint_model(plugin, target)
+    lint.violations += [Violation(rule="plugin-graph", node="", op="", message=p, severity="error") for p in problems]
+    save_atomic(standard.model, standard_path)
+    path = save_atomic(plugin, out)
+    counts = {n.op_type: sum(m.op_type == n.op_type for m in plugin_nodes(plugin)) for n in plugin_nodes(plugin)}
+    report.notes.append("plugin graph: " + ", ".join(f"{v} x {k}" for k, v in counts.items())
+                        + f"; verified above is the standard graph, written to {standard_path}")
+    return ExportOutcome(path, lint.ok and std_lint.ok, report.ok, lint, report, times)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -201,8 +233,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists() and out.is_dir():
         raise UsageError(f"output '{out}' is a directory; give a file name like model.onnx")
     cfg = _model_config(args)
+    if args.plugins and args.exporter != "torchscript":
+        raise UsageError("--plugins needs the torchscript exporter (the default)")
     outcome = run_export(cfg, str(out), _opset(args.opset), _target(args.target), args.exporter, not args.no_slim,
-                         args.verify_inputs, args.tol)
+                         args.verify_inputs, args.tol, plugins=args.plugins)
     print(f"lint ({args.target}): {'clean' if outcome.lint_ok else 'VIOLATIONS'}")
     print(outcome.lint.format())
     print(outcome.verify.format())
@@ -554,6 +588,10 @@ def cmd_verify_engine(args: argparse.Namespace) -> int:
     if not onnx_path or not Path(onnx_path).is_file():
         raise UsageError("give the standard-op ONNX graph to compare with (positional argument), or keep the sidecar")
     proto = _load_onnx(onnx_path)
+    meta = next((json.loads(e.value) for e in proto.metadata_props if e.key == "staticprune"), {})
+    if meta.get("standard_graph"):  # a plugin graph: ONNX Runtime runs the standard graph exported beside it
+        onnx_path = meta["standard_graph"]
+        proto = _load_onnx(onnx_path)
     cfg = _config_from_onnx(proto, args)
     inputs = _inputs_for(cfg, args)
     name = proto.graph.input[0].name
@@ -647,6 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="graph input is RGB in 0..255; the model's mean/std normalisation runs inside the graph")
     p.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"])
     p.add_argument("--no-slim", action="store_true", help="skip the onnxslim pass")
+    p.add_argument("--plugins", action="store_true",
+                   help="emit the TensorRT plugin graph (StaticPrune* nodes); the standard graph goes beside it")
     p.add_argument("--verify-inputs", type=int, default=1, help="generated inputs for verification (default 1)")
     p.add_argument("--tol", type=float, default=1e-4, help="max abs error allowed (default 1e-4)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")

@@ -51,9 +51,16 @@ def export_to_proto(
     output_names: list[str] | None = None,
     exporter: str = "torchscript",
     slim: bool = True,
+    plugins: bool = False,
 ) -> ExportResult:
-    """Trace `model` at the example's fixed shape and return the checked ONNX model (nothing written)."""
+    """Trace `model` at the example's fixed shape and return the checked ONNX model (nothing written).
+
+    plugins=True emits the TensorRT plugin graph (staticprune::StaticPrune* nodes) instead of the standard one.
+    """
     check_opset(opset)
+    if plugins and exporter != "torchscript":
+        raise ValueError("the plugin graph is emitted by the torchscript exporter; drop --exporter dynamo")
+    from staticprune.ops.plugin_nodes import NAMESPACE, plugin_export
     model = model.eval()
     names = output_names or ["logits"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +68,13 @@ def export_to_proto(
         sink = io.StringIO()
         with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(sink), redirect_stderr(sink):
             warnings.simplefilter("ignore")
-            if exporter == "torchscript":
+            if exporter == "torchscript" and plugins:
+                with plugin_export():
+                    torch.onnx.export(
+                        model, (example,), path, dynamo=False, opset_version=opset, input_names=list(input_names),
+                        output_names=names, do_constant_folding=True, custom_opsets={NAMESPACE: 1},
+                    )
+            elif exporter == "torchscript":
                 torch.onnx.export(
                     model, (example,), path, dynamo=False, opset_version=opset,
                     input_names=list(input_names), output_names=names, do_constant_folding=True,

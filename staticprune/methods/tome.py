@@ -26,6 +26,8 @@ from staticprune.models.token_state import TokenState
 from staticprune.models.vit import MASK_NEG
 from staticprune.ops.bipartite import Edges, best_edges, bipartite_merge
 from staticprune.ops.merge import NO_MARGIN, count, descending_rank, selection_margin
+from staticprune.ops.plugin_nodes import merge_node, plugins_enabled
+from staticprune.ops.tokens import restore_tokens
 
 
 @dataclass
@@ -238,7 +240,7 @@ def decode_after(decoder: nn.Module, state: TokenState, kind: str, grid: tuple[i
         patches = patches / patches.norm(dim=-1, keepdim=True)
         classes = classes / classes.norm(dim=-1, keepdim=True)
         per_token = decoder.mask_norm(patches @ classes.transpose(1, 2))
-    full = per_token.gather(1, owner.unsqueeze(-1).expand(-1, -1, per_token.shape[-1]))
+    full = restore_tokens(per_token, owner)
     return upsample(tokens_to_map(full, grid), image_size)
 
 
@@ -294,6 +296,8 @@ class ToMe(nn.Module):
         names = [p.name for p in self.points.values()]
         decisions = [f"{k}_{n}" for n in names for k in ("decision", "margin")] if cfg.expose_decisions else []
         self.extra_outputs = ("overflow", *decisions)
+        # merge steps exported as StaticPruneBipartiteMerge nodes in the plugin graph (none with decision outputs)
+        self.plugin_merge_points = 0 if cfg.expose_decisions else len(self.points)
         backbone.proportional_attention = cfg.prop_attn
 
     def after_attention(self, layer: int, state: TokenState, keys: Tensor) -> TokenState:
@@ -304,16 +308,38 @@ class ToMe(nn.Module):
             return state
         if state.x.shape[1] < 2:  # no B token left: nothing can merge (static shape, so a Python branch)
             return record(no_merge(state, self.decision_len if self.cfg.expose_decisions else None), point.name)
-        edges = match_tokens(state, keys.mean(1))
-        threshold = None
-        if point.r is not None:
-            n_rule = torch.full((state.x.shape[0],), point.r, dtype=torch.int64, device=state.x.device)
-        else:
-            threshold = torch.full((state.x.shape[0],), self.cfg.threshold, device=state.x.device)
-            n_rule = rule_count(edges.score, edges.candidate, threshold, self.cfg.inclusive)
-        step = apply_bipartite(state, edges, n_rule, point.out_patches, threshold,
-                               self.decision_len if self.cfg.expose_decisions else None)
-        return record(step, point.name)
+        metric = keys.mean(1)
+        decision_len = self.decision_len if self.cfg.expose_decisions else None
+
+        def step_for(metric: Tensor) -> StepResult:
+            edges = match_tokens(state, metric)
+            threshold = None
+            if point.r is not None:
+                n_rule = torch.full((state.x.shape[0],), point.r, dtype=torch.int64, device=state.x.device)
+            else:
+                threshold = torch.full((state.x.shape[0],), self.cfg.threshold, device=state.x.device)
+                n_rule = rule_count(edges.score, edges.candidate, threshold, self.cfg.inclusive)
+            return apply_bipartite(state, edges, n_rule, point.out_patches, threshold, decision_len)
+
+        if plugins_enabled() and decision_len is None:
+            return record(self._plugin_step(state, metric, point, step_for), point.name)
+        return record(step_for(metric), point.name)
+
+    def _plugin_step(self, state: TokenState, metric: Tensor, point, step_for) -> StepResult:
+        """The same step as one StaticPruneBipartiteMerge node (plugins/bipartiteMergePlugin/README.md)."""
+        metric = metric / metric.norm(dim=-1, keepdim=True)  # the plugin takes a normalised metric
+
+        def compute():
+            step = step_for(metric)
+            return step.state.x, step.state.full_size(), step.state.owner, step.overflow
+
+        owner = state.owner if state.owner is not None else identity_owner(state)
+        p = state.num_prefix
+        x, size, owner, overflow = merge_node(
+            state.x, metric, state.full_size(), owner, compute,
+            r=point.r if point.r is not None else -1, threshold=self.cfg.threshold, capacity=p + point.out_patches,
+            num_prefix=p, inclusive=self.cfg.inclusive, absolute_parity=True, kept_by_score=p == 0)
+        return StepResult(replace(state, x=x, size=size, owner=owner), overflow)
 
     def after_block(self, layer: int, state: TokenState) -> TokenState:
         return state
