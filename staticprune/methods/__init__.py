@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+import types
 import typing
 from typing import Any, Callable
 
@@ -108,7 +109,7 @@ def _coerce(value: Any, want: Any) -> Any:
         inner = args[0] if args else Any
         items = [_coerce(v, inner) if inner is not Any and inner is not Ellipsis else v for v in items]
         return tuple(items) if origin is tuple else list(items)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         if value is None or (isinstance(value, str) and value.lower() == "none"):
             return None
         for arg in args:
