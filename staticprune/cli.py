@@ -537,7 +537,7 @@ def cmd_methods_report(args: argparse.Namespace) -> int:
                 rows.append(MethodRow(method, error=f"{exc.__class__.__name__}: {exc}"))
     import torch
 
-    meta = {"command": "staticprune methods-report" + (" --quick" if args.quick else ""), "seconds": time.perf_counter() - t0,
+    meta = {"command": "staticprune " + " ".join(sys.argv[1:]), "seconds": time.perf_counter() - t0,
             "threads": torch.get_num_threads(), "cases": args.cases, "l2_size": f"{l2[0]}x{l2[1]}",
             "big_model": big_model, "big_size": f"{big[0]}x{big[1]}", "quantile": args.quantile, "images": images}
     table = format_table(rows, meta)
@@ -627,7 +627,7 @@ def cmd_bench_suite(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rows = run_suite(chosen, sizes, args.quick, args.images, args.quantile, args.classes, args.warmup, args.repeats, log)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    meta = {"command": "staticprune bench-suite" + (" --quick" if args.quick else ""), "seconds": time.perf_counter() - t0,
+    meta = {"command": "staticprune " + " ".join(sys.argv[1:]), "seconds": time.perf_counter() - t0,
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "gpu": gpu,
             "repeats": args.repeats, "warmup": args.warmup, "quantile": args.quantile, "images": args.images,
             "sizes": [f"{h}x{w}" for h, w in sizes]}
