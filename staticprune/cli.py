@@ -647,6 +647,36 @@ def cmd_bench_suite(args: argparse.Namespace) -> int:
     return EXIT_CHECK_FAILED if any(r.error for r in rows) else EXIT_OK
 
 
+def cmd_train_policy(args: argparse.Namespace) -> int:
+    from staticprune.policy_train import make_synthetic_dataset, train_policy
+
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise UsageError(f"output '{out}' exists; pass --force to overwrite it")
+    images, labels = args.images, args.labels
+    if args.synthetic:
+        images, labels = (str(p) for p in make_synthetic_dataset(args.synthetic, args.synthetic_count, args.size,
+                                                                 seed=args.seed))
+    if not images or not labels:
+        raise UsageError("train-policy needs --images DIR and --labels DIR (or --synthetic DIR to generate a set)")
+    for d in (images, labels):
+        if not Path(d).is_dir():
+            raise UsageError(f"'{d}' is not a directory")
+    try:
+        with step(f"training the policy network on {images} ({args.epochs} epochs, {args.size}px)"):
+            metrics = train_policy(images, labels, out, epochs=args.epochs, size=args.size, seed=args.seed,
+                                   width=args.width, batch_size=args.batch_size, lr=args.lr, threads=args.threads,
+                                   crop=args.crop, full_every=args.full_every, negative_weight=args.negative_weight,
+                                   log=log)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+    for key, value in shown.items():
+        print(f"{key:<32} {value}")
+    print(f"wrote {out} and {out}.json")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------------------------- parser
 
 
@@ -770,6 +800,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output-dir", default="bench-results")
     p.add_argument("--update-readme", metavar="README", help="replace the table between the performance-table markers")
     p.set_defaults(func=cmd_bench_suite)
+
+    p = sub.add_parser("train-policy", help="train the CTS/dCTS policy network on image/label pairs")
+    p.add_argument("--images", help="directory of images")
+    p.add_argument("--labels", help="directory of label maps (same file stems, class ids)")
+    p.add_argument("--synthetic", metavar="DIR", help="generate a dataset of uniform coloured regions into DIR first")
+    p.add_argument("--synthetic-count", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--size", type=int, default=512, help="training resolution (multiple of 32)")
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = EfficientNet-Lite0)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--crop", type=int, default=0, help="train on random crops up to this side (0 = whole images)")
+    p.add_argument("--full-every", type=int, default=4, help="with --crop: every n-th batch uses whole images")
+    p.add_argument("--negative-weight", type=float, default=5.0, help="loss weight of mixed-class windows")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", default="policy.pth")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_train_policy)
 
     p = sub.add_parser("models", help="list model names")
     p.set_defaults(func=cmd_models)

@@ -260,8 +260,8 @@ def _convert(
                 "DeiT-distilled encoders are not supported; use a ViT Segmenter checkpoint"
             )
         for k, v in sd.items():
-            if k.startswith("encoder.head."):
-                ignored.append(k)
+            if k.startswith("encoder.head.") or k.startswith("policy_net."):
+                ignored.append(k)  # the classifier is unused; a CTS policy loads with --opt policy_weights=FILE
             elif k.startswith("encoder."):
                 out["backbone." + k[len("encoder.") :]] = v
             else:
