@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 
 from staticprune.imageio import load_input
+from staticprune.methods import quantile_capacity  # noqa: F401  (re-exported: it lives with the methods)
 from staticprune.models import SegmentationModel, get_spec
 from staticprune.reference import reference_module
 from staticprune.verify.parity import generated_inputs
@@ -63,7 +63,3 @@ def calibrate(model: SegmentationModel, method: str, options: dict[str, Any], in
             cal.images += img.shape[0]
     return cal
 
-
-def quantile_capacity(counts: list[int], quantile: float) -> int:
-    """The smallest capacity that holds `quantile` of the observed counts (rounded up, never below 1)."""
-    return max(1, int(math.ceil(float(np.quantile(np.asarray(counts, dtype=np.float64), quantile)))))

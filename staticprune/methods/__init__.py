@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import pkgutil
 import types
 import typing
@@ -67,6 +68,13 @@ def method_module(name: str):
 def build_static_method(name: str, options: dict[str, Any], model: nn.Module) -> nn.Module:
     method_module(name)
     return _BUILDERS[name](dict(options), model)
+
+
+def quantile_capacity(counts: list[int], quantile: float) -> int:
+    """The smallest capacity that holds `quantile` of the observed counts (rounded up, never below 1)."""
+    import numpy as np
+
+    return max(1, int(math.ceil(float(np.quantile(np.asarray(counts, dtype=np.float64), quantile)))))
 
 
 T = typing.TypeVar("T")

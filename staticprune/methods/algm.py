@@ -21,8 +21,8 @@ from staticprune.methods import config_from_options, register
 from staticprune.methods.tome import (
     StepResult,
     apply_bipartite,
+    MergingHook,
     calibrated_quantile,
-    decode_after,
     fit_capacity,
     match_tokens,
     record,
@@ -108,7 +108,7 @@ def clap_step(
     return result
 
 
-class ALGM(nn.Module):
+class ALGM(MergingHook):
     """TokenHook: CLAP after the attention of `clap_layer`, GBM after the attention of `gbm_layer`."""
 
     def __init__(self, cfg: ALGMConfig, model: nn.Module):
@@ -163,14 +163,6 @@ class ALGM(nn.Module):
             state = record(step, "gbm")
         return state
 
-    def after_block(self, layer: int, state: TokenState) -> TokenState:
-        return state
-
-    def decode(self, decoder: nn.Module, feats: list[Tensor], state: TokenState, grid: tuple[int, int],
-               image_size: tuple[int, int]) -> Tensor:
-        if self.placement == "after":
-            return decode_after(decoder, state, self.decoder_kind, grid, image_size)
-        return decoder(feats, grid, image_size)
 
 
 @register("algm")

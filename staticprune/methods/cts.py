@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from staticprune.methods import config_from_options, register
+from staticprune.methods import config_from_options, register, quantile_capacity
 from staticprune.models.decoders import ATMHead, LinearDecoder, MaskTransformer, tokens_to_map, upsample
 from staticprune.models.policy import PolicyNet, build_policy, renormalize
 from staticprune.models.token_state import TokenState
@@ -366,7 +366,6 @@ def quantile_count(counts: list[int], quantile: float) -> int:
         raise ValueError("no kept-token counts to calibrate from")
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must be in [0, 1] (got {quantile})")
-    from staticprune.calibrate import quantile_capacity  # calibrate sits above methods
 
     return quantile_capacity(counts, quantile)
 

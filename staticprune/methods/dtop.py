@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from staticprune.methods import config_from_options, register
+from staticprune.methods import config_from_options, register, quantile_capacity
 from staticprune.models.decoders import (
     ATMDecoder,
     ATMLayer,
@@ -397,7 +397,6 @@ def point_layer(point: str) -> int:
 
 def calibrated_options(kept: dict[str, list[int]], quantile: float, options: dict[str, Any]) -> dict[str, Any]:
     """Options with `capacity` = the `quantile` of the active-token counts the reference measured after each exit."""
-    from staticprune.calibrate import quantile_capacity
 
     points = sorted((p for p in kept if point_layer(p) >= 0), key=point_layer)
     if not points:

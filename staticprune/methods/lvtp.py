@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from staticprune.methods import config_from_options, register
+from staticprune.methods import config_from_options, register, quantile_capacity
 from staticprune.methods.dtop import (
     PrunedTokenState,
     as_pruned,
@@ -263,7 +263,6 @@ def build(options: dict[str, Any], model: nn.Module) -> nn.Module:
 
 def calibrated_options(kept: dict[str, list[int]], quantile: float, options: dict[str, Any]) -> dict[str, Any]:
     """Options with `capacity` = the `quantile` of the kept-token counts the reference measured at each point."""
-    from staticprune.calibrate import quantile_capacity
 
     points = sorted((p for p in kept if point_layer(p) >= 0), key=point_layer)
     if not points:

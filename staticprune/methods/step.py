@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from staticprune.methods import config_from_options, register
+from staticprune.methods import config_from_options, register, quantile_capacity
 from staticprune.methods.dcts import DCTS, DCTSConfig
 from staticprune.methods.dtop import DToPConfig, EarlyExits, point_layer, require_segvit
 from staticprune.models.token_state import TokenState
@@ -117,7 +117,6 @@ def build(options: dict[str, Any], model: nn.Module) -> nn.Module:
 def calibrated_options(kept: dict[str, list[int]], quantile: float, options: dict[str, Any]) -> dict[str, Any]:
     """`token_capacity` from the dCTS token counts (point 'embed') and `capacity` from the active counts after each
     exit, both at the `quantile` of what the reference measured. The dCTS capacity is kept >= N/4 by its builder."""
-    from staticprune.calibrate import quantile_capacity
 
     config_from_options(STEPConfig, options)  # unknown or ill-typed options fail before any work
     out = dict(options)

@@ -281,7 +281,24 @@ def plan_points(cfg: ToMeConfig, depth: int, num_prefix: int, n0: int) -> list[M
     return points
 
 
-class ToMe(nn.Module):
+class MergingHook(nn.Module):
+    """What bipartite-merging methods (ToMe, ALGM) share: nothing after the MLP, and unmerge placed by decoder.
+    Subclasses set `placement` ("before" / "after") and `decoder_kind`."""
+
+    placement: str
+    decoder_kind: str
+
+    def after_block(self, layer: int, state: TokenState) -> TokenState:
+        return state
+
+    def decode(self, decoder: nn.Module, feats: list[Tensor], state: TokenState, grid: tuple[int, int],
+               image_size: tuple[int, int]) -> Tensor:
+        if self.placement == "after":
+            return decode_after(decoder, state, self.decoder_kind, grid, image_size)
+        return decoder(feats, grid, image_size)
+
+
+class ToMe(MergingHook):
     """TokenHook: bipartite soft matching on head-averaged keys after the attention of the planned blocks."""
 
     def __init__(self, cfg: ToMeConfig, model: nn.Module):
@@ -341,14 +358,6 @@ class ToMe(nn.Module):
             num_prefix=p, inclusive=self.cfg.inclusive, absolute_parity=True, kept_by_score=p == 0)
         return StepResult(replace(state, x=x, size=size, owner=owner), overflow)
 
-    def after_block(self, layer: int, state: TokenState) -> TokenState:
-        return state
-
-    def decode(self, decoder: nn.Module, feats: list[Tensor], state: TokenState, grid: tuple[int, int],
-               image_size: tuple[int, int]) -> Tensor:
-        if self.placement == "after":
-            return decode_after(decoder, state, self.decoder_kind, grid, image_size)
-        return decoder(feats, grid, image_size)
 
 
 @register("tome")
