@@ -24,7 +24,7 @@ test: install
 	$(PY) -m pytest -q -ra
 
 bench: install
-	$(VENV)/bin/staticprune bench-suite -o bench-results --update-readme README.md
+	$(VENV)/bin/staticprune bench-suite -o docs/benchmarks --update-readme README.md
 
 bench-quick: install
 	$(VENV)/bin/staticprune bench-suite --quick -o bench-results-quick

@@ -512,7 +512,7 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
 
 def cmd_methods_report(args: argparse.Namespace) -> int:
     from staticprune.bench.methods_report import (
-        MethodRow, format_table, measure_method, replace_between_markers, rows_to_json,
+        MethodRow, bench_rows, format_table, measure_method, replace_between_markers, rows_to_json,
     )
     from staticprune.fileio import write_bytes_atomic
     from staticprune.methods import available_methods
@@ -526,20 +526,35 @@ def cmd_methods_report(args: argparse.Namespace) -> int:
         big, big_model, l2, images = (256, 256), "segmenter-vit-s-mask", (128, 128), 2
     else:
         big, big_model, l2, images = (1024, 1024), "segmenter-vit-b-mask", (512, 512), args.images
+    bench, bench_meta = {}, None
+    if args.from_bench:
+        try:
+            results = json.loads(Path(args.from_bench).read_text())
+            bench, size = bench_rows(results, "{}x{}".format(*_size(args.bench_size)) if args.bench_size else None)
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise UsageError(f"cannot use benchmark results '{args.from_bench}': {exc}; "
+                             "write them with `staticprune bench-suite -o DIR` and pass DIR/results.json") from None
+        missing = [m for m in chosen if m not in bench]
+        if missing:
+            raise UsageError(f"'{args.from_bench}' has no {size} row for {', '.join(missing)}; "
+                             "run bench-suite for those methods or drop them from --methods")
+        big = _size(size)
+        bench_meta = {"file": args.from_bench, "command": results.get("meta", {}).get("command", "?")}
     t0 = time.perf_counter()
     rows = []
     for method in chosen:
         with step(f"measuring {method}"):
             try:
                 rows.append(measure_method(method, args.cases, l2, big, big_model, images, args.quantile,
-                                           args.classes, args.repeats, log))
+                                           args.classes, args.repeats, log, bench_row=bench.get(method)))
             except Exception as exc:  # a broken method must not hide the others' rows; the row says what failed
                 rows.append(MethodRow(method, error=f"{exc.__class__.__name__}: {exc}"))
     import torch
 
     meta = {"command": "staticprune " + " ".join(sys.argv[1:]), "seconds": time.perf_counter() - t0,
             "threads": torch.get_num_threads(), "cases": args.cases, "l2_size": f"{l2[0]}x{l2[1]}",
-            "big_model": big_model, "big_size": f"{big[0]}x{big[1]}", "quantile": args.quantile, "images": images}
+            "big_model": big_model, "big_size": f"{big[0]}x{big[1]}", "quantile": args.quantile, "images": images,
+            "bench": bench_meta}
     table = format_table(rows, meta)
     print(table)
     _write_json(args.json, json.loads(rows_to_json(rows, meta)))
@@ -775,6 +790,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=19)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="write the rows as JSON")
+    p.add_argument("--from-bench", metavar="RESULTS_JSON",
+                   help="take kept tokens, GFLOPs and ORT latency from a bench-suite results.json instead of "
+                        "measuring them again")
+    p.add_argument("--bench-size", metavar="HxW", help="which size of --from-bench (default: its largest)")
     p.add_argument("--update-readme", metavar="README", help="replace the table between the methods-table markers")
     p.set_defaults(func=cmd_methods_report)
 

@@ -47,8 +47,11 @@ def test_presets_capacity_and_errors():
     assert ref_dcts.TAU_PRESETS == THRESHOLD_PRESETS
     assert resolve_capacity(DCTSConfig(capacity_ratio=0.5), 4096) == 2048
     assert resolve_capacity(DCTSConfig(capacity=1024), 4096) == 1024
+    assert resolve_capacity(DCTSConfig(capacity=798), 4096) == 1024  # raised to the fallback's floor N/4
+    assert resolve_capacity(DCTSConfig(capacity_ratio=0.1), 4096) == 1024
     model = tiny_model("linear", (128, 128))
-    for options, match in [({"capacity": 10}, r"outside \[16, 64\]"), ({"window_sizes": "4,8"}, "must include 2"),
+    assert build_static_method("dcts", {"capacity": 10}, model).capacity == 16
+    for options, match in [({"capacity": 65}, r"above the 64 patches"), ({"window_sizes": "4,8"}, "must include 2"),
                            ({"nesting": "sideways"}, "nesting must be"), ({"thresholds": "0.5,0.5"}, "need 4 values"),
                            ({"preset": "tau-1"}, "unknown dCTS preset"), ({"window_sizes": "2,3"}, "window sizes must")]:
         with pytest.raises(ValueError, match=match):

@@ -261,9 +261,10 @@ def test_segmenter_models_and_bad_options_are_refused():
         build_step({}, build_model("segmenter-vit-t-mask", (64, 64)))
     model = tiny_segvit((64, 64), 3)
     for bad in [{"preset": "nope"}, {"exit_layers": [DEPTH - 1]}, {"nesting": "sideways"}, {"tau": [0.5]},
-                {"token_capacity": 1}, {"keep_top_per_class": 0}, {"nope": 1}]:
+                {"token_capacity": 17}, {"keep_top_per_class": 0}, {"nope": 1}]:
         with pytest.raises(ValueError):
             build_step({**BASE, **bad}, model)
+    assert build_step({**BASE, "token_capacity": 1}, model).dcts.capacity == 4  # raised to N/4 of 16 patches
 
 
 def test_calibrated_options_set_both_capacities():

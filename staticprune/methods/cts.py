@@ -270,6 +270,7 @@ class SharingMethod(nn.Module):
     """What CTS and dCTS share: policy input, no-op block hooks, decoding of the shared sequence."""
 
     extra_outputs: tuple[str, ...] = ("overflow",)
+    step_names = {"embed": "patch embed + policy net + sharing", "decode": "unmerge + decoder"}
     may_pad = True  # whether the sequence can end in padding slots (then the decoder masks them)
 
     def __init__(self, model: nn.Module, policy: PolicyNet, decode_on: str, expose_decisions: bool):

@@ -86,6 +86,8 @@ def resolve_thresholds(cfg: DCTSConfig) -> dict[int, float]:
 
 
 def resolve_capacity(cfg: DCTSConfig, n: int) -> int:
+    """Slots for patch tokens. Below N/4 the capacity is raised to N/4 (the fallback's floor; more slots never
+    overflow), as ToMe and ALGM raise theirs to what their fallback can reach; above N it is an error."""
     low = math.ceil(n / 4)
     if cfg.capacity > 0:
         cap = cfg.capacity
@@ -93,10 +95,9 @@ def resolve_capacity(cfg: DCTSConfig, n: int) -> int:
         if not 0.0 < cfg.capacity_ratio <= 1.0:
             raise ValueError(f"capacity_ratio must be in (0, 1] (got {cfg.capacity_ratio})")
         cap = math.ceil(cfg.capacity_ratio * n)
-    if not low <= cap <= n:
-        raise ValueError(f"dCTS capacity {cap} is outside [{low}, {n}] for {n} patches: below N/4 the 2x2 fallback "
-                         f"cannot always fit, above N nothing is gained; use capacity={max(low, min(cap, n))}")
-    return cap
+    if cap > n:
+        raise ValueError(f"dCTS capacity {cap} is above the {n} patches: nothing is gained; use capacity={n}")
+    return max(cap, low)
 
 
 def enabled_sizes(cfg: DCTSConfig, grid: tuple[int, int]) -> tuple[int, ...]:
@@ -305,10 +306,7 @@ def build(options: dict[str, Any], model: nn.Module) -> DCTS:
 
 def calibrated_options(kept: dict[str, list[int]], quantile: float, options: dict[str, Any]) -> dict[str, Any]:
     """`capacity` = the `quantile` of the reference's kept patch-token counts at point 'embed' (ratio dropped).
-
-    The result is clamped up to N/4 only by the builder's check, which then fails loudly rather than silently
-    changing a capacity the measurements asked for.
-    """
+    The builder raises it to N/4 if lower (the effective value is `model.method.capacity`)."""
     if POINT not in kept:
         raise ValueError(f"dCTS calibration needs kept counts at point '{POINT}' (got {', '.join(kept) or 'none'})")
     config_from_options(DCTSConfig, options)  # unknown or ill-typed options fail here, before any work

@@ -292,6 +292,9 @@ class EarlyExits(nn.Module):
     """DToP's exit machinery (STEP reuses it after dCTS): auxiliary heads, halting, compaction, canvas, final
     head. Owns the prune heads as `aux_heads.{i}` and `final_head`."""
 
+    step_names = {"after_block": "halting (aux heads + compaction)", "decode": "final head + canvas",
+                  "embed": "patch embed + policy net + sharing"}
+
     def __init__(self, cfg: DToPConfig, model: nn.Module):
         super().__init__()
         vit = model.spec.vit

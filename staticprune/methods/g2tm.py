@@ -196,6 +196,8 @@ def group_merge(x: Tensor, weight: Tensor, slot: Tensor, capacity: int) -> tuple
 class G2TM(nn.Module):
     """Static G2TM hook: one merge at `layer`, then masked (optionally proportional) attention in later blocks."""
 
+    step_names = {"after_attention": "graph + components + merge", "decode": "unmerge + decoder"}
+
     def __init__(self, cfg: G2TMConfig, grid: tuple[int, int], depth: int, decoder_kind: str):
         super().__init__()
         validate(cfg, depth)

@@ -191,6 +191,8 @@ class LVTP(nn.Module):
     """The static LVTP module (TokenHook with `embed`): Sobel energy from the input, pruning at the configured
     blocks, restoration of pruned patches after the last block."""
 
+    step_names = {"embed": "patch embed + Sobel energy", "after_block": "prune / restore"}
+
     def __init__(self, cfg: LVTPConfig, model: nn.Module):
         super().__init__()
         validate(cfg)

@@ -287,6 +287,8 @@ class MergingHook(nn.Module):
 
     placement: str
     decoder_kind: str
+    # What each hook does, for the benchmark's time breakdown (decode = unmerge + the decoder).
+    step_names = {"after_attention": "merge", "decode": "unmerge + decoder"}
 
     def after_block(self, layer: int, state: TokenState) -> TokenState:
         return state
