@@ -35,7 +35,7 @@ plugins:
 
 # Kernel tests on a CUDA GPU (skipped in CI, which has none).
 test-gpu: install
-	$(PY) -m pytest -q -m gpu tests/test_plugin_kernels_gpu.py
+	$(PY) -m pytest -q -m gpu tests/test_plugin_kernels_gpu.py tests/test_bench.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -25,7 +25,7 @@ from staticprune.models import build_model
 from staticprune.ops.window_pool import window_members, window_of_patch
 from staticprune.pipeline import ModelConfig, build
 from staticprune.reference.tome import mergeable
-from staticprune.verify.levels import l1_compare, run_static
+from staticprune.verify.levels import condition_mask_decoder, l1_compare, run_static
 from staticprune.verify.parity import generated_inputs, verify_onnx
 
 L1_TOL, L2_TOL = 1e-5, 1e-4
@@ -46,13 +46,7 @@ def one_thread():
 
 
 def well_conditioned(model):
-    """Re-draw the mask transformer's class embeddings at std 1: at their init std (0.02) the class vectors stay
-    nearly identical through a random decoder and mask_norm turns float rounding into ~1e-5 logit noise."""
-    if model.spec.decoder == "mask":
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(7)
-            model.decoder.cls_emb.copy_(torch.randn(model.decoder.cls_emb.shape, generator=g))
-    return model
+    return condition_mask_decoder(model, seed=7)
 
 
 def plant_ties(model, gbm_layer: int):

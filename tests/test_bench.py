@@ -159,3 +159,17 @@ def test_reference_flops_match_the_plain_model_when_nothing_is_reduced():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert count_flops_call(lambda: plain(x)) == pytest.approx(count_flops(plain, (1, 3, 64, 64)).gflops)
+
+
+@pytest.mark.gpu
+def test_bench_suite_times_the_gpu_variants(tmp_path):
+    out = tmp_path / "gpu"
+    code = main(["bench-suite", "--quick", "--sizes", "64x64", "--methods", "tome", "--images", "1", "--repeats", "3",
+                 "-o", str(out)])
+    assert code == 0
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    cuda = {t["variant"]: t for t in row["timings"] if t["backend"] == "pytorch-cuda-fp16"}
+    assert set(cuda) == {"unreduced", "reference", "static"}
+    assert all(0 < t["min_ms"] <= t["median_ms"] for t in cuda.values())
+    assert "pytorch-cuda-fp16/static" in row["ratios"]
+    assert torch.cuda.get_device_name(0) in (out / "results.md").read_text()

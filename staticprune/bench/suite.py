@@ -69,6 +69,7 @@ class SuiteRow:
     breakdown: Optional["Breakdown"] = None
     ort_ops_ms_static: dict[str, float] = field(default_factory=dict)  # ONNX Runtime profile, ms per op type
     ort_ops_ms_unreduced: dict[str, float] = field(default_factory=dict)
+    gpu_error: str = ""  # why the CUDA timings are missing although a GPU is present
     error: str = ""
 
     def latency(self, backend: str, variant: str) -> Optional[float]:
@@ -399,7 +400,11 @@ def measure(method: str, model_name: str, size: tuple[int, int], images: int, qu
     row.ort_ops_ms_unreduced = base.ort_ops_ms
     os.unlink(static_path)
     if torch.cuda.is_available():
-        _timings_gpu(row, plain, static, ref, x, warmup, repeats)
+        try:
+            _timings_gpu(row, plain, static, ref, x, warmup, repeats)
+        except Exception as exc:  # keep the CPU numbers; the row says why the GPU ones are missing
+            row.gpu_error = f"{type(exc).__name__}: {exc}"
+            log(f"{method} {model_name} {row.size}: GPU timing failed: {row.gpu_error}")
     return row
 
 
@@ -548,6 +553,9 @@ def to_markdown(rows: list[SuiteRow], meta: dict) -> str:
               f"the first calibration image. Capacities calibrated at the {meta['quantile']} quantile of the eager "
               f"reference's kept tokens over {meta['images']} generated image(s); reference GFLOPs are its mean over "
               "those images. Random weights: kept-token counts describe random features, not real images."]
+    failed = [f"{r.method} {r.size}: {r.gpu_error}" for r in rows if r.gpu_error]
+    if failed:
+        lines += ["", "GPU timing failed for " + "; ".join(failed)]
     return "\n".join(lines)
 
 

@@ -16,6 +16,20 @@ from staticprune.models import SegmentationModel
 from staticprune.reference import ReferenceOutput
 
 
+def condition_mask_decoder(model: SegmentationModel, seed: int = 7) -> SegmentationModel:
+    """Redraw a Segmenter mask transformer's class embeddings at std 1 (in place; other decoders untouched).
+
+    At their init std (0.02) the class vectors stay nearly identical through a random decoder, so its mask_norm
+    (LayerNorm over classes) divides by a tiny spread and turns float rounding into ~1e-5 logit noise: even the
+    unreduced model run on one image vs in a batch differs by ~9e-6. Trained class embeddings are distinct; L1
+    measures the method, not that artifact of random weights."""
+    if getattr(model.spec, "decoder", None) == "mask":
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(seed)
+            model.decoder.cls_emb.copy_(torch.randn(model.decoder.cls_emb.shape, generator=g))
+    return model
+
+
 def run_static(model: SegmentationModel, img: Tensor) -> dict[str, Tensor]:
     """All outputs of the static model, by graph output name."""
     with torch.no_grad():
