@@ -628,7 +628,7 @@ def cmd_bench_suite(args: argparse.Namespace) -> int:
     import torch
 
     from staticprune.bench.methods_report import replace_between_markers
-    from staticprune.bench.suite import plots, rows_json, run_suite, to_csv, to_markdown
+    from staticprune.bench.suite import plots, rows_from_json, rows_json, run_suite, to_csv, to_markdown
     from staticprune.methods import available_methods
 
     names = available_methods()
@@ -638,23 +638,33 @@ def cmd_bench_suite(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(names)}")
     sizes = [_size(s) for s in (args.sizes or ("256x256,384x384" if args.quick else "768x768,1024x1024")).split(",")]
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    rows = run_suite(chosen, sizes, args.quick, args.images, args.quantile, args.classes, args.warmup, args.repeats, log)
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    meta = {"command": "staticprune " + " ".join(sys.argv[1:]), "seconds": time.perf_counter() - t0,
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "gpu": gpu,
-            "repeats": args.repeats, "warmup": args.warmup, "quantile": args.quantile, "images": args.images,
-            "sizes": [f"{h}x{w}" for h, w in sizes]}
     from staticprune.fileio import write_bytes_atomic
 
-    write_bytes_atomic(rows_json(rows, meta).encode(), out_dir / "results.json")
+    if args.from_results:  # regenerate tables and plots from an earlier run, measuring nothing
+        try:
+            rows, meta = rows_from_json(Path(args.from_results).read_text())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"cannot read benchmark results '{args.from_results}': {exc}; pass the results.json "
+                             "that bench-suite wrote") from None
+        out_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        rows = run_suite(chosen, sizes, args.quick, args.images, args.quantile, args.classes, args.warmup,
+                         args.repeats, log)
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        meta = {"command": "staticprune " + " ".join(sys.argv[1:]), "seconds": time.perf_counter() - t0,
+                "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "gpu": gpu,
+                "repeats": args.repeats, "warmup": args.warmup, "quantile": args.quantile, "images": args.images,
+                "sizes": [f"{h}x{w}" for h, w in sizes]}
+        write_bytes_atomic(rows_json(rows, meta).encode(), out_dir / "results.json")
     write_bytes_atomic(to_csv(rows).encode(), out_dir / "results.csv")
     table = to_markdown(rows, meta)
     write_bytes_atomic((table + "\n").encode(), out_dir / "results.md")
     pngs = plots(rows, str(out_dir))
     print(table)
-    print(f"wrote {out_dir}/results.json, results.csv, results.md, " + ", ".join(Path(p).name for p in pngs))
+    written = ["results.csv", "results.md"] if args.from_results else ["results.json", "results.csv", "results.md"]
+    print(f"wrote {out_dir}: " + ", ".join(written + [Path(p).name for p in pngs]))
     if args.update_readme:
         readme = Path(args.update_readme)
         write_bytes_atomic(replace_between_markers(readme.read_text(), "performance-table", table).encode(), readme)
@@ -818,6 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("-o", "--output-dir", default="bench-results")
     p.add_argument("--update-readme", metavar="README", help="replace the table between the performance-table markers")
+    p.add_argument("--from-results", metavar="RESULTS_JSON",
+                   help="measure nothing: regenerate the tables, CSV, plots (and README table) from a results.json")
     p.set_defaults(func=cmd_bench_suite)
 
     p = sub.add_parser("train-policy", help="train the CTS/dCTS policy network on image/label pairs")

@@ -94,6 +94,20 @@ def test_bench_suite_regenerates_the_readme_table(suite):
     assert "none available in this run" in table
 
 
+def test_bench_suite_regenerates_tables_and_plots_from_a_results_file(suite, tmp_path, capsys):
+    _, out, _ = suite
+    again = tmp_path / "again"
+    assert main(["bench-suite", "--from-results", str(out / "results" / "results.json"), "-o", str(again)]) == 0
+    capsys.readouterr()
+    for name in ("results.md", "results.csv"):
+        assert (again / name).read_text() == (out / "results" / name).read_text()
+    assert (again / "speedup_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": [{"method": "tome"}]}')
+    assert main(["bench-suite", "--from-results", str(bad), "-o", str(tmp_path / "x")]) == 2
+    assert "cannot read benchmark results" in capsys.readouterr().err
+
+
 def test_methods_report_takes_large_size_columns_from_the_bench(suite, tmp_path, capsys):
     _, out, results = suite
     report = tmp_path / "report.json"

@@ -590,19 +590,27 @@ def plots(rows: list[SuiteRow], out_dir: str) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     top = 1.0
-    for backend, marker in (("onnxruntime-cpu", "o"), ("pytorch-cpu", "^"), ("pytorch-cuda-fp16", "s")):
+    style = {"onnxruntime-cpu": ("o", "tab:blue"), "pytorch-cpu": ("^", "tab:orange"),
+             "pytorch-cuda-fp16": ("s", "tab:green")}
+    for backend, (marker, color) in style.items():
+        labelled = False
         for r in good:
             base, mine = r.latency(backend, "unreduced"), r.latency(backend, "static")
             if base and mine and r.gflops_static:
                 fr, sp = r.gflops_unreduced / r.gflops_static, base / mine
                 top = max(top, fr, sp)
-                ax.scatter([fr], [sp], marker=marker, label=f"{backend}" if r is good[0] else None)
-                ax.annotate(f"{r.method} {r.size}", (fr, sp), fontsize=7)
-    ax.plot([0, top * 1.1], [0, top * 1.1], "k--", linewidth=1, label="ideal (speedup = FLOP reduction)")
-    ax.set_xlim(0.8, top * 1.1)
-    ax.set_ylim(0, top * 1.1)
-    ax.set_xlabel("FLOP reduction (unreduced GFLOPs / static GFLOPs)")
-    ax.set_ylabel("measured speedup (unreduced ms / static ms)")
+                ax.scatter([fr], [sp], marker=marker, color=color, label=None if labelled else backend)
+                labelled = True
+                if backend == "onnxruntime-cpu":
+                    ax.annotate(f"{r.method} {r.size.split('x')[0]}", (fr, sp), fontsize=6, xytext=(3, -3),
+                                textcoords="offset points")
+    ax.plot([0.8, top * 1.2], [0.8, top * 1.2], "k--", linewidth=1, label="ideal (speedup = FLOP reduction)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(0.8, top * 1.2)
+    ax.set_ylim(0.5, top * 1.2)
+    ax.set_xlabel("FLOP reduction (unreduced GFLOPs / static GFLOPs), log scale")
+    ax.set_ylabel("measured speedup (unreduced ms / static ms), log scale")
     ax.set_title("Speedup vs FLOP reduction, static graphs")
     ax.legend(fontsize=7)
     buf = io.BytesIO()
@@ -641,6 +649,21 @@ def plots(rows: list[SuiteRow], out_dir: str) -> list[str]:
         plt.close(fig)
         written.append(str(write_bytes_atomic(buf.getvalue(), os.path.join(out_dir, "breakdown_per_layer.png"))))
     return written
+
+
+def rows_from_json(text: str) -> tuple[list[SuiteRow], dict]:
+    """The rows and meta of a results.json written by `rows_json` (to regenerate tables and plots)."""
+    data = json.loads(text)
+    rows = []
+    for d in data["rows"]:
+        d = dict(d)
+        d.pop("ratios", None)
+        d["timings"] = [Timing(**t) for t in d.get("timings", [])]
+        if d.get("breakdown"):
+            b = {k: v for k, v in d["breakdown"].items() if k not in ("unmerge_ms", "share")}
+            d["breakdown"] = Breakdown(**b)
+        rows.append(SuiteRow(**d))
+    return rows, data["meta"]
 
 
 def rows_json(rows: list[SuiteRow], meta: dict) -> str:
