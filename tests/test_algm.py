@@ -33,13 +33,7 @@ SIZES = [(64, 64), (48, 80), (96, 64), (80, 48)]
 _MODELS: dict[tuple, torch.nn.Module] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These graphs are tiny: on a busy 2-core machine a second OpenMP thread mostly spins (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 # ------------------------------------------------------------------------------------------- helpers

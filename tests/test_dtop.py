@@ -33,14 +33,7 @@ POINTS = [f"layer{i}" for i in EXITS]
 SIZES = [(64, 64), (96, 128), (128, 96), (80, 144), (112, 112), (144, 64)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds synchronisation (10x the CPU time on a busy
-    2-core machine); restore the setting for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @functools.cache

@@ -39,13 +39,7 @@ SIZES = [(64, 64), (128, 128), (96, 128), (128, 96), (64, 160), (160, 96)]  # ev
 BASE = {"exit_layers": EXITS, "head_layers": 2, "policy_width": 0.25}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread only adds synchronisation on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @functools.cache

@@ -37,13 +37,7 @@ _MODELS: dict[tuple, torch.nn.Module] = {}
 # ------------------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These graphs are tiny: on a busy 2-core machine a second OpenMP thread mostly spins (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def well_conditioned(model):
