@@ -70,6 +70,15 @@ def build_static_method(name: str, options: dict[str, Any], model: nn.Module) ->
     return _BUILDERS[name](dict(options), model)
 
 
+def extra_output_names(points: typing.Iterable[str], expose_decisions: bool) -> tuple[str, ...]:
+    """A method's extra graph outputs: `overflow`, then `decision_<point>`, `margin_<point>` per reduction point
+    when decisions are exposed (the order verify and the parity report expect)."""
+    names = ["overflow"]
+    if expose_decisions:
+        names += [f"{kind}_{p}" for p in points for kind in ("decision", "margin")]
+    return tuple(names)
+
+
 def quantile_capacity(counts: list[int], quantile: float) -> int:
     """The smallest capacity that holds `quantile` of the observed counts (rounded up, never below 1)."""
     import numpy as np

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from staticprune.methods import config_from_options, register
+from staticprune.methods import config_from_options, extra_output_names, register
 from staticprune.methods.tome import (
     StepResult,
     apply_bipartite,
@@ -139,8 +139,7 @@ class ALGM(MergingHook):
         self.placement = unmerge_placement(cfg.unmerge, model.spec.decoder)
         self.decoder_kind = model.spec.decoder
         points = ("clap", "gbm")
-        decisions = [f"{k}_{n}" for n in points for k in ("decision", "margin")] if cfg.expose_decisions else []
-        self.extra_outputs = ("overflow", *decisions)
+        self.extra_outputs = extra_output_names(points, cfg.expose_decisions)
         backbone.proportional_attention = cfg.prop_attn
 
     def after_attention(self, layer: int, state: TokenState, keys: Tensor) -> TokenState:

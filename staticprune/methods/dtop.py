@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from staticprune.methods import config_from_options, register, quantile_capacity
+from staticprune.methods import config_from_options, extra_output_names, register, quantile_capacity
 from staticprune.models.decoders import (
     ATMDecoder,
     ATMLayer,
@@ -320,10 +320,7 @@ class EarlyExits(nn.Module):
 
     @property
     def extra_outputs(self) -> tuple[str, ...]:
-        names = ["overflow"]
-        if self.cfg.expose_decisions:
-            names += [f"{kind}_{p}" for p in self.points for kind in ("decision", "margin")]
-        return tuple(names)
+        return extra_output_names(self.points, self.cfg.expose_decisions)
 
     def exit_at(self, stage: int, state: TokenState) -> PrunedTokenState:
         st = as_pruned(state, self.num_patches)

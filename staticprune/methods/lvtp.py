@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from staticprune.methods import config_from_options, register, quantile_capacity
+from staticprune.methods import config_from_options, extra_output_names, register, quantile_capacity
 from staticprune.methods.dtop import (
     PrunedTokenState,
     as_pruned,
@@ -206,10 +206,7 @@ class LVTP(nn.Module):
 
     @property
     def extra_outputs(self) -> tuple[str, ...]:
-        names = ["overflow"]
-        if self.cfg.expose_decisions:
-            names += [f"{kind}_{p}" for p in self.points for kind in ("decision", "margin")]
-        return tuple(names)
+        return extra_output_names(self.points, self.cfg.expose_decisions)
 
     def embed(self, backbone: nn.Module, img: Tensor) -> TokenState:
         """The backbone's own tokens, plus each slot's Sobel energy (0 for prefix slots) carried to the pruning."""

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from staticprune.methods import config_from_options, register
+from staticprune.methods import config_from_options, extra_output_names, register
 from staticprune.models.decoders import tokens_to_map, upsample
 from staticprune.models.token_state import TokenState
 from staticprune.models.vit import MASK_NEG
@@ -313,8 +313,7 @@ class ToMe(MergingHook):
         self.placement = unmerge_placement(cfg.unmerge, model.spec.decoder)
         self.decoder_kind = model.spec.decoder
         names = [p.name for p in self.points.values()]
-        decisions = [f"{k}_{n}" for n in names for k in ("decision", "margin")] if cfg.expose_decisions else []
-        self.extra_outputs = ("overflow", *decisions)
+        self.extra_outputs = extra_output_names(names, cfg.expose_decisions)
         # merge steps exported as StaticPruneBipartiteMerge nodes in the plugin graph (none with decision outputs)
         self.plugin_merge_points = 0 if cfg.expose_decisions else len(self.points)
         backbone.proportional_attention = cfg.prop_attn

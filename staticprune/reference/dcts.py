@@ -96,41 +96,50 @@ def reference_forward(model: nn.Module, img: Tensor, options: dict[str, Any]) ->
     taus = thresholds(options)
     nesting = str(options.get("nesting", "top_down"))
     mode = str(options.get("decode_on", "tokens"))
-    backbone = model.backbone
     policy = policy_of(model, options, tuple(sizes))
     scores = policy_scores(model, policy, img)
     logits, kept, decisions, owners = [], [], [], []
     with torch.no_grad():
-        pos = backbone.pos_embed[0, 1:].reshape(gh, gw, -1)
         for b in range(img.shape[0]):
-            passed = {s: scores[s][b] >= taus[s] for s in sizes}
-            if nesting == "top_down":
-                chosen = choose_top_down(passed, sizes, (gh, gw))
-            else:
-                chosen = choose_bottom_up(passed, sizes)
-            covered = torch.zeros(gh, gw, dtype=torch.bool)
-            for s in sizes:
-                covered |= _cover(chosen[s], s, (gh, gw))
-            im = img[b : b + 1]
-            patches = backbone.patch_embed(im)[0].reshape(gh, gw, -1)
-            toks, codes = [], []
-            for r in range(gh):
-                for c in range(gw):
-                    if not covered[r, c]:
-                        toks.append(patches[r, c] + pos[r, c])
-                        codes.append((1, r, c))
-            for s in sizes:
-                cells = [(i, j) for i in range(chosen[s].shape[0]) for j in range(chosen[s].shape[1]) if chosen[s][i, j]]
-                if cells:
-                    toks.extend(window_embedding(backbone, im, pos, s, cells))
-                    codes.extend((s, i * s, j * s) for i, j in cells)
-            feats, _ = run_encoder(model, with_prefix(model, torch.stack(toks)))
+            seq, codes, decided = supertokens(model, img[b : b + 1], {s: scores[s][b] for s in sizes}, sizes, taus,
+                                              nesting)
+            feats, _ = run_encoder(model, seq)
             logits.append(decode_shared(model, feats, codes, mode))
             kept.append(len(codes))
-            decisions.append(torch.cat([chosen[s].flatten() for s in sizes]).to(torch.int32))
+            decisions.append(decided)
             owners.append(owner_map(codes, (gh, gw)))
     return ReferenceOutput(logits=torch.cat(logits), kept={POINT: kept}, decisions={POINT: torch.stack(decisions)},
                            owner=torch.stack(owners))
+
+
+def supertokens(model: nn.Module, image: Tensor, scores: dict[int, Tensor], sizes: list[int], taus: dict[int, float],
+                nesting: str) -> tuple[Tensor, list, Tensor]:
+    """One image's dCTS sequence (1, T, D), its codes (size, row, col) and its window decisions (W,) int32."""
+    backbone = model.backbone
+    gh, gw = model.grid
+    passed = {s: scores[s] >= taus[s] for s in sizes}
+    if nesting == "top_down":
+        chosen = choose_top_down(passed, sizes, (gh, gw))
+    else:
+        chosen = choose_bottom_up(passed, sizes)
+    covered = torch.zeros(gh, gw, dtype=torch.bool)
+    for s in sizes:
+        covered |= _cover(chosen[s], s, (gh, gw))
+    pos = backbone.pos_embed[0, 1:].reshape(gh, gw, -1)
+    patches = backbone.patch_embed(image)[0].reshape(gh, gw, -1)
+    toks, codes = [], []
+    for r in range(gh):
+        for c in range(gw):
+            if not covered[r, c]:
+                toks.append(patches[r, c] + pos[r, c])
+                codes.append((1, r, c))
+    for s in sizes:
+        cells = [(i, j) for i in range(chosen[s].shape[0]) for j in range(chosen[s].shape[1]) if chosen[s][i, j]]
+        if cells:
+            toks.extend(window_embedding(backbone, image, pos, s, cells))
+            codes.extend((s, i * s, j * s) for i, j in cells)
+    decisions = torch.cat([chosen[s].flatten() for s in sizes]).to(torch.int32)
+    return with_prefix(model, torch.stack(toks)), codes, decisions
 
 
 def _cover(chosen: Tensor, s: int, grid: tuple[int, int]) -> Tensor:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from staticprune.reference import ReferenceOutput
 from staticprune.reference import dcts as dcts_ref
 from staticprune.reference import dtop as dtop_ref
-from staticprune.reference.cts import owner_map, policy_of, policy_scores, with_prefix
+from staticprune.reference.cts import owner_map, policy_of, policy_scores
 
 PRESETS = {
     "000-vit-b": ((7,), (0.6, 0.8, 0.9, 0.9)),
@@ -43,36 +43,6 @@ def split_options(model: nn.Module, options: dict[str, Any]) -> tuple[dict[str, 
     return dcts, dtop
 
 
-def supertokens(model: nn.Module, image: Tensor, scores: dict[int, Tensor], sizes: list[int], taus: dict[int, float],
-                nesting: str) -> tuple[Tensor, list, Tensor]:
-    """One image's dCTS sequence (1, T, D), its codes (size, row, col) and its window decisions (W,) int32."""
-    backbone = model.backbone
-    gh, gw = model.grid
-    passed = {s: scores[s] >= taus[s] for s in sizes}
-    if nesting == "top_down":
-        chosen = dcts_ref.choose_top_down(passed, sizes, (gh, gw))
-    else:
-        chosen = dcts_ref.choose_bottom_up(passed, sizes)
-    covered = torch.zeros(gh, gw, dtype=torch.bool)
-    for s in sizes:
-        covered |= dcts_ref._cover(chosen[s], s, (gh, gw))
-    pos = backbone.pos_embed[0, 1:].reshape(gh, gw, -1)
-    patches = backbone.patch_embed(image)[0].reshape(gh, gw, -1)
-    toks, codes = [], []
-    for r in range(gh):
-        for c in range(gw):
-            if not covered[r, c]:
-                toks.append(patches[r, c] + pos[r, c])
-                codes.append((1, r, c))
-    for s in sizes:
-        cells = [(i, j) for i in range(chosen[s].shape[0]) for j in range(chosen[s].shape[1]) if chosen[s][i, j]]
-        if cells:
-            toks.extend(dcts_ref.window_embedding(backbone, image, pos, s, cells))
-            codes.extend((s, i * s, j * s) for i, j in cells)
-    decisions = torch.cat([chosen[s].flatten() for s in sizes]).to(torch.int32)
-    return with_prefix(model, torch.stack(toks)), codes, decisions
-
-
 @torch.no_grad()
 def reference_forward(model: nn.Module, img: Tensor, options: dict[str, Any]) -> ReferenceOutput:
     dtop_ref.require_segvit(model, "step")
@@ -85,7 +55,7 @@ def reference_forward(model: nn.Module, img: Tensor, options: dict[str, Any]) ->
     points = [f"layer{i}" for i in opts.exit_layers]
     runs, counts, windows, owners = [], [], [], []
     for b in range(img.shape[0]):
-        x, codes, decided = supertokens(model, img[b : b + 1], {s: scores[s][b] for s in sizes}, sizes, taus,
+        x, codes, decided = dcts_ref.supertokens(model, img[b : b + 1], {s: scores[s][b] for s in sizes}, sizes, taus,
                                         str(dcts_options["nesting"]))
         owner = owner_map(codes, model.grid)
         runs.append(dtop_ref.run_image(model, x, owner, aux, final, opts))
