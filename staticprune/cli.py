@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -18,6 +19,7 @@ from typing import Iterator, Optional, Sequence
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_TARGET = "orin-jp6"
+_command_line: Optional[str] = None  # the command being run, set by main()
 
 
 class UsageError(Exception):
@@ -73,20 +75,56 @@ def _method_options(args: argparse.Namespace) -> dict:
     if getattr(args, "config", None):
         try:
             data = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UsageError(f"config '{args.config}' is not a readable JSON file ({exc.__class__.__name__})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("method_options", data.get("options", {})), dict):
+            raise UsageError(f"config '{args.config}' is not a method config: expected a JSON object like "
+                             '{"method": "tome", "method_options": {...}} (as calibrate writes)')
+        _check_calibrated_for(args, data)
         if data.get("method") and args.method in (None, "none"):
             args.method = data["method"]
         options.update(data.get("method_options", data.get("options", {})))
+        if options and args.method in (None, "none"):
+            raise UsageError(f"config '{args.config}' holds method options but names no method: add --method NAME "
+                             "(or a \"method\" key to the file)")
+    given = []
     for item in getattr(args, "opt", None) or []:
         if "=" not in item:
             raise UsageError(f"--opt '{item}' is not key=value")
         key, value = item.split("=", 1)
+        given.append(item)
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
+    if given and args.method in (None, "none"):  # an option without a method would be silently ignored
+        from staticprune.methods import available_methods
+
+        raise UsageError(f"--opt {given[0]} has no effect without a method: add --method "
+                         f"{'|'.join(available_methods())}, or drop the option")
     return options
+
+
+def _check_calibrated_for(args: argparse.Namespace, data: dict) -> None:
+    """A calibration file (it records model, size and method) fits only what it was measured on: capacities
+    for another model, size or method would be clamped or misread silently."""
+    if data.get("method") and args.method not in (None, "none") and data["method"] != args.method:
+        raise UsageError(f"config '{args.config}' is for method {data['method']}, not {args.method}: drop --method, "
+                         f"or calibrate {args.method} ('staticprune calibrate --method {args.method} ...')")
+    mine, theirs = [], []
+    if data.get("model") and getattr(args, "model", None) and data["model"] != args.model:
+        mine.append(args.model)
+        theirs.append(data["model"])
+    if data.get("size") and getattr(args, "size", None):
+        size = data["size"]
+        recorded = "x".join(str(v) for v in size) if isinstance(size, (list, tuple)) else str(size)
+        wanted = "x".join(str(v) for v in _size(args.size))
+        if recorded != wanted:
+            mine.append(wanted)
+            theirs.append(recorded)
+    if mine:
+        raise UsageError(f"config '{args.config}' was calibrated for {' '.join(theirs)}, not {' '.join(mine)}: run "
+                         f"'staticprune calibrate --model {args.model} --size {args.size} ...' for this model")
 
 
 def _model_config(args: argparse.Namespace):
@@ -98,13 +136,53 @@ def _model_config(args: argparse.Namespace):
     options = _method_options(args)
     method = args.method or "none"
     _check_method(method)
-    if args.weights and not Path(args.weights).is_file():
-        raise UsageError(f"weights '{args.weights}' do not exist or are not a file")
+    weights = _existing_weights(args.weights)
+    classes = args.classes if args.classes is not None or weights else 150  # None: read from the checkpoint
+    if classes is not None and classes < 1:
+        raise UsageError(f"--classes must be >= 1 (got {classes})")
+    if getattr(args, "backbone_only", False) and not weights:
+        raise UsageError("--backbone-only needs --weights (the checkpoint whose backbone to load)")
+    grid = _grid(args.weights_grid) if getattr(args, "weights_grid", None) else None
+    if grid is not None and not weights:
+        raise UsageError("--weights-grid needs --weights (the checkpoint whose positional table it describes)")
+    if classes is None and getattr(args, "backbone_only", False):
+        raise UsageError("--backbone-only keeps the decoder's initialisation: give its class count with --classes K")
     return ModelConfig(
-        model=args.model, size=_size(args.size), classes=args.classes, batch=args.batch, seed=args.seed,
-        weights=args.weights, weights_layout=args.weights_layout, method=method, method_options=options,
+        model=args.model, size=_size(args.size), classes=classes, batch=args.batch, seed=args.seed,
+        weights=weights, weights_layout=args.weights_layout, method=method, method_options=_absolute_paths(options),
+        backbone_only=getattr(args, "backbone_only", False), weights_grid=grid,
         labels=getattr(args, "labels", False), raw_input=getattr(args, "raw_input", False),
+        precision=getattr(args, "precision", None) or "fp32",
     )
+
+
+def _existing_weights(path: Optional[str]) -> Optional[str]:
+    """The checkpoint path, absolute: recorded in the ONNX metadata, it must resolve from any directory."""
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise UsageError(f"weights '{path}' do not exist or are not a file")
+    return str(Path(path).resolve())
+
+
+def _absolute_paths(options: dict) -> dict:
+    """Method options that name files (policy_weights=FILE) made absolute, for the same reason as --weights."""
+    out = dict(options)
+    for key, value in options.items():
+        if key.endswith("_weights") and isinstance(value, str) and value and Path(value).is_file():
+            out[key] = str(Path(value).resolve())
+    return out
+
+
+def _grid(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        h, w = (int(p) for p in (parts * 2 if len(parts) == 1 else parts))
+    except ValueError:
+        raise UsageError(f"--weights-grid '{text}' is not HxW in tokens (e.g. 32x32)") from None
+    if h < 1 or w < 1:
+        raise UsageError(f"--weights-grid '{text}' must be positive")
+    return h, w
 
 
 def _check_method(method: str) -> None:
@@ -124,6 +202,34 @@ def _build(cfg):
         raise UsageError(str(exc)) from None
 
 
+def _check_writable(path: Optional[str], what: str) -> None:
+    """Fail before any work if `path` cannot be written: a probe file in its folder (or the nearest existing
+    ancestor, which the atomic writer would create the rest under), removed at once."""
+    if not path:
+        return
+    dest = Path(path)
+    if dest.is_dir():
+        raise UsageError(f"{what} '{path}' is a directory; give a file name")
+    folder = dest.parent if str(dest.parent) else Path(".")
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"cannot write {what} '{path}': '{folder}' is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".staticprune-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"cannot write {what} '{path}': creating a file in '{folder}' failed "
+                         f"({exc.strerror or exc.__class__.__name__})") from None
+
+
+def _at_least(value: int, low: int, flag: str) -> int:
+    if value < low:
+        raise UsageError(f"{flag} must be >= {low} (got {value})")
+    return value
+
+
 def _write_json(path: Optional[str], payload: dict) -> None:
     if not path:
         return
@@ -139,10 +245,16 @@ def _load_onnx(path: str):
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"ONNX file '{path}' does not exist")
+    if p.stat().st_size == 0:
+        raise UsageError(f"'{path}' is empty, not an ONNX model")
     try:
-        return onnx.load(str(p))
+        proto = onnx.load(str(p))
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise UsageError(f"'{path}' is not a readable ONNX model ({exc.__class__.__name__})") from None
+    # protobuf parses many byte strings as a message with nothing in it: no opset and no node is no model
+    if not proto.opset_import or not proto.graph.node:
+        raise UsageError(f"'{path}' is not an ONNX model (no opset or no graph nodes)")
+    return proto
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -156,6 +268,7 @@ class ExportOutcome:
     lint: object
     verify: object
     seconds: dict
+    fp16: object = None  # FP16 parity report of a --precision fp16 export
 
 
 def run_export(cfg, out: str, opset: int, target: str, exporter: str, slim: bool, verify_inputs: int, tol: float,
@@ -169,6 +282,7 @@ def run_export(cfg, out: str, opset: int, target: str, exporter: str, slim: bool
 
     times = {}
     cfg.decompose_layernorm = not get_target(target).supports_layernorm
+    fp16 = cfg.precision == "fp16"
     t0 = time.perf_counter()
     with step(f"building {cfg.model} {cfg.size[0]}x{cfg.size[1]} method={cfg.method}"):
         model = _build(cfg)
@@ -182,19 +296,37 @@ def run_export(cfg, out: str, opset: int, target: str, exporter: str, slim: bool
             log(f"staticprune: export check failed: {exc}")
             raise SystemExit(EXIT_CHECK_FAILED) from None
     times["export"] = time.perf_counter() - t0
-    attach_config(result.model, cfg, {"opset": opset, "target": target, "outputs": result.output_names})
+    attach_config(result.model, cfg, {"opset": opset, "target": target, "outputs": result.output_names},
+                  command=_command_line)
     t0 = time.perf_counter()
     lint = lint_model(result.model, target)
     times["lint"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     with step(f"verifying ONNX Runtime vs PyTorch on {verify_inputs} input(s)"):
-        report = verify_onnx(result.model, model, example_inputs(cfg, verify_inputs, cfg.seed + 1), tol=tol,
-                             output_names=result.output_names)
+        verify_in = example_inputs(cfg, verify_inputs, cfg.seed + 1)
+        if fp16:
+            from staticprune.verify.fp16 import verify_mixed_graph
+
+            report = verify_mixed_graph(result.model, model, cfg, verify_in, tol, result.output_names, build=_build)
+        else:
+            report = verify_onnx(result.model, model, verify_in, tol=tol, output_names=result.output_names)
     times["verify"] = time.perf_counter() - t0
+    fp16_report = None
+    if fp16:
+        from staticprune.verify.fp16 import fp16_level
+
+        t0 = time.perf_counter()
+        with step(f"FP16 level: mixed-precision module vs FP32 module on {verify_inputs} input(s)"):
+            fp16_report = fp16_level(cfg, example_inputs(cfg, verify_inputs, cfg.seed + 1), build=_build)
+        times["verify_fp16"] = time.perf_counter() - t0
     if plugins:
-        return _export_plugin_graph(cfg, model, result, out, opset, target, lint, report, times)
-    path = save_atomic(result.model, out)
-    return ExportOutcome(path, lint.ok, report.ok, lint, report, times)
+        outcome = _export_plugin_graph(cfg, model, result, out, opset, target, lint, report, times)
+    else:
+        outcome = ExportOutcome(save_atomic(result.model, out), lint.ok, report.ok, lint, report, times)
+    if fp16_report is not None:
+        outcome.fp16 = fp16_report
+        outcome.verify_ok = outcome.verify_ok and fp16_report.ok
+    return outcome
 
 
 def _export_plugin_graph(cfg, model, standard, out, opset, target, std_lint, report, times) -> ExportOutcome:
@@ -212,10 +344,12 @@ def _export_plugin_graph(cfg, model, standard, out, opset, target, std_lint, rep
     times["export_plugins"] = time.perf_counter() - t0
     if not plugin_nodes(plugin):
         raise UsageError(f"method '{cfg.method}' has no step the plugins replace; export without --plugins")
-    problems = check_plugin_graph(plugin, standard.model, merges)
+    parameters = [t.detach().cpu().numpy() for t in model.state_dict().values()]
+    problems = check_plugin_graph(plugin, standard.model, merges, parameters=parameters)
     standard_path = Path(out).with_suffix("").as_posix() + ".standard.onnx"
     attach_config(plugin, cfg, {"opset": opset, "target": target, "outputs": standard.output_names,
-                                "plugins": True, "standard_graph": standard_path})
+                                "plugins": True, "standard_graph": Path(standard_path).name},  # beside `out`
+                  command=_command_line)
     lint = lint_model(plugin, target)
     lint.violations += [Violation(rule="plugin-graph", node="", op="", message=p, severity="error") for p in problems]
     save_atomic(standard.model, standard_path)
@@ -232,19 +366,56 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"output '{out}' exists; pass --force to overwrite it")
     if out.exists() and out.is_dir():
         raise UsageError(f"output '{out}' is a directory; give a file name like model.onnx")
+    _check_writable(args.output, "output")  # before the build, which can take minutes
+    _check_writable(args.json, "--json")
+    _at_least(args.verify_inputs, 1, "--verify-inputs")
     cfg = _model_config(args)
     if args.plugins and args.exporter != "torchscript":
         raise UsageError("--plugins needs the torchscript exporter (the default)")
+    if args.tol is None:
+        from staticprune.verify.fp16 import FP16_LOGITS_TOL
+
+        args.tol = FP16_LOGITS_TOL if cfg.precision == "fp16" else 1e-4
     outcome = run_export(cfg, str(out), _opset(args.opset), _target(args.target), args.exporter, not args.no_slim,
                          args.verify_inputs, args.tol, plugins=args.plugins)
     print(f"lint ({args.target}): {'clean' if outcome.lint_ok else 'VIOLATIONS'}")
     print(outcome.lint.format())
     print(outcome.verify.format())
+    if outcome.fp16 is not None:
+        print(outcome.fp16.format())
     print(f"wrote {outcome.path} ({outcome.path.stat().st_size / 1e6:.1f} MB); "
           + ", ".join(f"{k} {v:.1f} s" for k, v in outcome.seconds.items()))
+    gflops = _export_gflops(cfg)
     _write_json(args.json, {"onnx": str(outcome.path), "lint": outcome.lint.to_dict(), "verify": outcome.verify.to_dict(),
-                            "seconds": outcome.seconds, "config": json.loads(cfg.to_json())})
+                            "fp16": None if outcome.fp16 is None else outcome.fp16.to_dict(),
+                            "seconds": outcome.seconds, "config": json.loads(cfg.to_json()), "gflops": gflops})
     return EXIT_OK if outcome.lint_ok and outcome.verify_ok else EXIT_CHECK_FAILED
+
+
+def _export_gflops(cfg) -> Optional[dict]:
+    """Print the GFLOPs of one image through the unreduced and the exported model (fvcore convention, counted on
+    the meta device), and warn on stderr when a method's export is not cheaper. None if they cannot be counted."""
+    import dataclasses
+
+    from staticprune.bench import count_flops
+
+    shape = (1, 3, *cfg.size)
+    # FLOPs depend on shapes only: no checkpoint to read again, FP32 modules
+    plain = dataclasses.replace(cfg, weights=None, precision="fp32", method="none", method_options={})
+    try:
+        unreduced = count_flops(_build(plain), shape).gflops
+        exported = (unreduced if cfg.method in ("none", "", None) else
+                    count_flops(_build(dataclasses.replace(cfg, weights=None, precision="fp32")), shape).gflops)
+    except Exception as exc:  # counting is a report, never a reason to fail an export that was written
+        print(f"GFLOPs: not counted ({type(exc).__name__}: {exc})")
+        return None
+    print(f"GFLOPs per image (fvcore, 1 multiply-add = 1 FLOP): unreduced {unreduced:.4g}, exported {exported:.4g} "
+          f"({exported / unreduced:.0%} of unreduced)")
+    if cfg.method not in ("none", "", None) and exported >= unreduced:
+        log(f"staticprune: warning: the {cfg.method} export is not cheaper than the unreduced model ({exported:.4g} "
+            f">= {unreduced:.4g} GFLOPs); give it smaller capacities (docs/methods/defaults.md lists the options "
+            "that set each method's cost)")
+    return {"unreduced": unreduced, "exported": exported}
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
@@ -268,9 +439,19 @@ def _config_from_onnx(proto, args: argparse.Namespace):
         args.labels = False
         return _model_config(args)
     if args.weights:
-        cfg.weights = args.weights
+        cfg.weights = _existing_weights(args.weights)
+    base = Path(args.onnx).resolve().parent  # graphs from before paths were recorded absolute: relative to the graph
+    if cfg.weights and not Path(cfg.weights).is_file() and (base / cfg.weights).is_file():
+        cfg.weights = str(base / cfg.weights)
     if cfg.weights and not Path(cfg.weights).is_file():
         raise UsageError(f"weights '{cfg.weights}' recorded in the model are missing; pass --weights PATH")
+    for key, value in cfg.method_options.items():
+        if key.endswith("_weights") and isinstance(value, str) and value and not Path(value).is_file():
+            if (base / value).is_file():
+                cfg.method_options[key] = str(base / value)
+            else:
+                raise UsageError(f"{key} '{value}' recorded in the model is missing; export again with --opt "
+                                 f"{key}=PATH")
     return cfg
 
 
@@ -292,23 +473,149 @@ def _inputs_for(cfg, args: argparse.Namespace) -> list:
     return example_inputs(cfg, args.inputs, args.seed + 1)
 
 
+def _static_dims(value_info) -> list[Optional[int]]:
+    return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
+
+
+def _fmt_dims(dims: Sequence[Optional[int]]) -> str:
+    return "x".join("?" if d is None else str(d) for d in dims)
+
+
+def _check_graph_fits(path: str, proto, cfg, model) -> None:
+    """The graph must be the rebuilt model's: same input shape, logits shape and outputs. A foreign graph (another
+    class count, size or method) is bad input, not a parity failure."""
+    label = f"{cfg.model} {cfg.size[0]}x{cfg.size[1]}, {cfg.classes} classes, batch {cfg.batch}, method {cfg.method}"
+    inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    expected_in = [cfg.batch, 3, *cfg.size]
+    if len(inputs) != 1:
+        raise UsageError(f"'{path}' has {len(inputs)} inputs; the rebuilt model ({label}) takes one image tensor")
+    got_in = _static_dims(inputs[0])
+    if len(got_in) != 4 or any(g is not None and g != e for g, e in zip(got_in, expected_in)):
+        raise UsageError(f"'{path}' takes input {_fmt_dims(got_in)}, the rebuilt model ({label}) "
+                         f"{_fmt_dims(expected_in)}: pass the --model/--size/--batch it was exported with")
+    outputs = list(proto.graph.output)
+    expected_logits = [cfg.batch, cfg.classes, *cfg.size]
+    got_logits = _static_dims(outputs[0]) if outputs else []
+    if len(got_logits) != 4 or any(g is not None and g != e for g, e in zip(got_logits, expected_logits)):
+        hint = (f": pass --classes {got_logits[1]}" if len(got_logits) == 4 and got_logits[1] not in (None, cfg.classes)
+                else "")
+        raise UsageError(f"'{path}' outputs '{outputs[0].name if outputs else '-'}' {_fmt_dims(got_logits)}, the "
+                         f"rebuilt model ({label}) logits {_fmt_dims(expected_logits)}{hint}")
+    names, expected = [o.name for o in outputs], model.output_names()
+    if names != expected:
+        raise UsageError(f"'{path}' has outputs {', '.join(names)}, the rebuilt model ({label}) "
+                         f"{', '.join(expected)}: not the graph of this model and method")
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.engine and args.allow_overflow:
+        raise UsageError("--allow-overflow is for the ONNX check (verify GRAPH); the engine check compares the "
+                         "engine's overflow output with ONNX Runtime's")
+    if args.engine:  # before any torch-heavy import: the engine check runs where there is no PyTorch
+        return cmd_verify_engine(args)
     from staticprune.verify.parity import verify_onnx
 
-    if args.engine:
-        return cmd_verify_engine(args)
+    for flag, value in (("--standard", args.standard), ("--margin-eps", args.margin_eps)):
+        if value is not None:
+            raise UsageError(f"{flag} is for the engine check (verify --engine ENGINE)")
     if not args.onnx:
         raise UsageError("verify needs an ONNX file (or --engine ENGINE)")
+    if not args.input:
+        _at_least(args.inputs, 1, "--inputs")
+    _check_writable(args.json, "--json")
     proto = _load_onnx(args.onnx)
+    _refuse_flags_the_graph_decides(proto, args)
     cfg = _config_from_onnx(proto, args)
+    cfg_notes = _drop_inert_recorded_options(cfg)
     with step(f"rebuilding {cfg.model} {cfg.size[0]}x{cfg.size[1]} method={cfg.method} in PyTorch"):
         model = _build(cfg)
+    _check_graph_fits(args.onnx, proto, cfg, model)
     inputs = _inputs_for(cfg, args)
+    fp16 = cfg.precision == "fp16"
+    tol = args.tol if args.tol is not None else (5e-2 if fp16 else 1e-4)
     with step(f"running ONNX Runtime and PyTorch on {len(inputs)} input(s)"):
-        report = verify_onnx(args.onnx, model, inputs, tol=args.tol, output_names=[o.name for o in proto.graph.output])
-    print(report.format())
-    _write_json(args.json, report.to_dict())
-    return EXIT_OK if report.ok else EXIT_CHECK_FAILED
+        if fp16:
+            from staticprune.verify.fp16 import verify_mixed_graph
+
+            report = verify_mixed_graph(args.onnx, model, cfg, inputs, tol, [o.name for o in proto.graph.output],
+                                        build=_build)
+        else:
+            report = verify_onnx(args.onnx, model, inputs, tol=tol, output_names=[o.name for o in proto.graph.output])
+    parity = _parity_report(cfg, report, inputs, args, tol)
+    parity.notes += cfg_notes
+    print(parity.format())
+    payload, ok = parity.to_dict(), parity.ok
+    if fp16:  # what the FP16 engine will compute, against the FP32 model: decision-aware
+        from staticprune.verify.fp16 import fp16_level
+
+        with step(f"FP16 level: mixed-precision module vs FP32 module on {len(inputs)} input(s)"):
+            level = fp16_level(cfg, inputs, build=_build)
+        print(level.format())
+        payload["fp16"], ok = level.to_dict(), ok and level.ok
+    _write_json(args.json, payload)
+    return EXIT_OK if ok else EXIT_CHECK_FAILED
+
+
+# Flags that describe the model: a graph with staticprune metadata records all of them, so they would be ignored.
+_MODEL_FLAGS = (("--model", "model", None), ("--size", "size", None), ("--classes", "classes", None),
+                ("--batch", "batch", 1), ("--method", "method", None), ("--opt", "opt", None),
+                ("--config", "config", None), ("--weights-layout", "weights_layout", "auto"),
+                ("--backbone-only", "backbone_only", False), ("--weights-grid", "weights_grid", None))
+
+
+def _refuse_flags_the_graph_decides(proto, args: argparse.Namespace) -> None:
+    from staticprune.pipeline import read_config
+
+    if read_config(proto) is None:
+        return
+    for flag, name, default in _MODEL_FLAGS:
+        if getattr(args, name, default) not in (default, [], ()):
+            raise UsageError(f"{flag} has no effect: '{args.onnx}' records its model, size, method and options; "
+                             f"drop {flag} (export again to change them)")
+
+
+def _drop_inert_recorded_options(cfg) -> list[str]:
+    """Graphs exported before options without effect were refused may record some: they changed nothing, so
+    the module is rebuilt without them (and the report says so)."""
+    if cfg.method in ("none", "", None):
+        return []
+    from staticprune.methods import drop_inert_options
+
+    cfg.method_options, dropped = drop_inert_options(cfg.method, dict(cfg.method_options))
+    return [f"recorded option {k} had no effect in this graph (ignored when it was exported); left out"
+            for k in dropped]
+
+
+def _parity_report(cfg, l2, inputs: list, args: argparse.Namespace, tol: float):
+    """L1 (static module vs eager reference) and the overflow counts next to L2 (staticprune.verify.report)."""
+    import dataclasses
+
+    from staticprune.verify.report import ParityReport, l1_and_overflow
+
+    names = ([Path(p).name for p in args.input] if args.input
+             else [f"generated #{i + 1}" for i in range(len(inputs))])
+    if cfg.method in ("none", "", None):
+        return ParityReport(l2, None, [], names, args.allow_overflow)
+    from staticprune.reference import reference_module
+
+    # FP32, decision outputs on, normalisation outside: the eager reference reads the layers directly.
+    probe = dataclasses.replace(cfg, precision="fp32", raw_input=False, labels=False,
+                                method_options={**cfg.method_options, "expose_decisions": True})
+    model = _build(probe)
+    if cfg.raw_input:
+        inputs = [(x - model.pixel_mean) / model.pixel_std for x in inputs]
+    try:
+        reference = reference_module(cfg.method)
+    except ValueError:
+        reference = None
+    with step(f"L1: static {cfg.method} module vs its eager reference on {len(inputs)} input(s)"):
+        l1_tol = 1e-4 if cfg.precision == "fp16" else tol  # L1 runs the FP32 module: FP32 tolerance
+        l1, overflow = l1_and_overflow(model, reference, cfg.method_options, inputs, names, l2.graph_overflow,
+                                       l1_tol, 10 * l1_tol, cfg.method)
+    report = ParityReport(l2, l1, overflow, names, args.allow_overflow)
+    if reference is None:
+        report.notes.append(f"method {cfg.method} has no eager reference: L1 not run")
+    return report
 
 
 def bench_model(cfg, onnx_path: Optional[str], warmup: int, repeats: int, backends: Sequence[str]) -> dict:
@@ -360,6 +667,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unknown = set(backends) - {"torch", "ort"}
     if unknown:
         raise UsageError(f"--backends takes a comma list of torch, ort, or none (got '{args.backends}')")
+    _at_least(args.repeats, 1, "--repeats")
+    _at_least(args.warmup, 0, "--warmup")
+    _check_writable(args.json, "--json")
     if args.onnx:
         proto = _load_onnx(args.onnx)
         cfg = _config_from_onnx(proto, args)
@@ -432,44 +742,78 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _reference_model(args: argparse.Namespace):
     """The unreduced model (with weights) that the eager reference runs on, and the method options."""
+    import dataclasses
+
+    from staticprune.methods import available_methods, method_module
+
     args.labels = False
     cfg = _model_config(args)
     if cfg.method == "none":
-        raise UsageError("--method is required (one of: " + ", ".join(__import__("staticprune.methods", fromlist=["x"]).available_methods()) + ")")
+        raise UsageError("--method is required (one of: " + ", ".join(available_methods()) + ")")
     # The method module stays attached: references never run it, but some read its parameters (DToP's heads).
-    return _build(cfg), cfg.method, cfg.method_options, cfg
+    # Options only calibration reads (CTS's calibrate_k) are not the module's.
+    only_calibrate = getattr(method_module(cfg.method), "CALIBRATE_ONLY_OPTIONS", ())
+    module_cfg = dataclasses.replace(cfg, method_options={k: v for k, v in cfg.method_options.items()
+                                                          if k not in only_calibrate})
+    return _build(module_cfg), cfg.method, cfg.method_options, cfg
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from staticprune.calibrate import calibrate, calibration_inputs
-    from staticprune.methods import method_module
+    from staticprune.calibrate import calibrate, calibration_items, calibration_names, capacity_rule
+    from staticprune.methods import effective_options, drop_inert_options, method_module
 
-    model, method, options, cfg = _reference_model(args)
+    _at_least(args.count, 0, "--count")
+    if args.count == 0 and not args.images:
+        raise UsageError("--count 0 (every image) needs --images DIR; without it give a number of generated inputs")
+    if not (Path(args.output).exists() and not args.force):
+        _check_writable(args.output, "output")
+    if not 0.0 < args.quantile <= 1.0:
+        raise UsageError(f"--quantile must be in (0, 1] (got {args.quantile})")
     out = Path(args.output)
     if out.exists() and not args.force:
         raise UsageError(f"output '{out}' exists; pass --force to overwrite it")
-    if not 0.0 < args.quantile <= 1.0:
-        raise UsageError(f"--quantile must be in (0, 1] (got {args.quantile})")
     try:
-        inputs = list(calibration_inputs(model, args.images, args.count, args.seed))
+        names = calibration_names(args.images, args.count)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    source = args.images or f"{len(inputs)} generated inputs"
+    model, method, options, cfg = _reference_model(args)
+    n_tokens = model.grid[0] * model.grid[1]
+    if args.images and args.count and len(names) < args.count:
+        log(f"[staticprune] {args.images} holds {len(names)} image(s); --count {args.count} asked for more: "
+            f"calibrating on {len(names)}")
+    source = args.images or f"{len(names)} generated inputs"
+    started = time.perf_counter()
+
+    def progress(i: int, kept: dict[str, list[int]]) -> None:  # one stderr line per image: runs take minutes
+        last = list(kept)[-1] if kept else None
+        at = f"kept {kept[last][0]} of {n_tokens} tokens after {last}" if last else "no reduction point"
+        log(f"[staticprune] image {i + 1}/{len(names)} {names[i]}: {at} ({time.perf_counter() - started:.1f} s)")
+
     with step(f"running the eager {method} reference over {source}"):
         try:
-            cal = calibrate(model, method, options, inputs)
+            cal = calibrate(model, method, options, (img for _, img in calibration_items(
+                model, args.images, args.count, args.seed)), progress=progress)
+            rule = capacity_rule(args.quantile, cal.images)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    recommended = method_module(method).calibrated_options(cal.kept, args.quantile, dict(options))
+    calibrated = method_module(method).calibrated_options(cal.kept, rule.quantile, dict(options))
+    # Every option with its value, so the file stands on its own (a static mode records its settings too);
+    # calibrated capacities supersede ratios the user gave, which would otherwise be refused as having no effect.
+    recommended = effective_options(method, drop_inert_options(method, calibrated)[0])
     stats = cal.stats()
-    n_tokens = model.grid[0] * model.grid[1]
     print(f"{method} on {cfg.model} {cfg.size[0]}x{cfg.size[1]} ({n_tokens} patch tokens), {cal.images} image(s)")
     print(f"{'point':<16} {'mean':>8} {'p50':>8} {'p99':>8} {'max':>8}")
     for point, st in stats.items():
         print(f"{point:<16} {st['mean']:>8.1f} {st['p50']:>8.0f} {st['p99']:>8.1f} {st['max']:>8.0f}")
-    print("recommended options (quantile %.3g): %s" % (args.quantile, json.dumps(recommended, sort_keys=True)))
+    if calibrated == dict(options):
+        print(f"note: {method} with these options has no capacity to calibrate (its token counts are fixed); the "
+              "file records its options as they are")
+    else:
+        print(rule.describe())
+    print("recommended options: %s" % json.dumps(recommended, sort_keys=True))
     _write_json(str(out), {"method": method, "method_options": recommended, "model": cfg.model, "size": list(cfg.size),
-                           "quantile": args.quantile, "images": cal.images, "source": source, "kept": stats})
+                           "classes": cfg.classes, "weights": cfg.weights, "quantile": args.quantile,
+                           "capacity_rule": rule.to_dict(), "images": cal.images, "source": source, "kept": stats})
     return EXIT_OK
 
 
@@ -482,6 +826,7 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
     from staticprune.reference import reference_module
     from staticprune.visualize import denormalise, partition_picture
 
+    _check_writable(args.output, "output")
     model, method, options, cfg = _reference_model(args)
     spec = get_spec(cfg.model)
     try:
@@ -567,59 +912,123 @@ def cmd_methods_report(args: argparse.Namespace) -> int:
     return EXIT_CHECK_FAILED if failed else EXIT_OK
 
 
-def cmd_build(args: argparse.Namespace) -> int:
-    # No torch on this path: engines are often built on a Jetson that only has TensorRT, onnx and numpy.
-    from staticprune.trt import TensorRTUnavailable, build_engine, require_tensorrt
+# `build` and `verify --engine` run on the Jetson image, which has TensorRT, onnx, numpy, onnxruntime and polygraphy
+# but no PyTorch: everything they import (staticprune.trt, staticprune.verify.decisions, staticprune.imageio,
+# staticprune.fileio) is torch-free, and they check their arguments before asking for TensorRT, so that a bad
+# argument is reported as such even where TensorRT is missing (tests/test_engine_tools.py runs both with torch blocked).
 
+
+def _plugin_libraries(paths: Sequence[str]) -> list[str]:
+    for lib in paths:
+        if not Path(lib).is_file():
+            raise UsageError(f"plugin library '{lib}' does not exist; build it with 'make plugins'")
+    return list(paths)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from staticprune.trt.engine import (StandardGraphNotFound, TensorRTUnavailable, TimingCacheError, build_engine,
+                                        find_standard_graph, graph_metadata, graph_precision, has_plugin_nodes,
+                                        require_tensorrt)
+
+    proto = _load_onnx(args.onnx)
+    out = Path(args.output)
+    if out.exists() and out.is_dir():
+        raise UsageError(f"output '{out}' is a directory; give a file name like model.engine")
+    if out.exists() and not args.force:
+        raise UsageError(f"output '{out}' exists; pass --force to overwrite it")
+    plugins = _plugin_libraries(args.plugins or [])
+    if has_plugin_nodes(proto) and not plugins:
+        raise UsageError(f"'{args.onnx}' has TensorRT plugin nodes; pass --plugins PATH (libstaticprune_plugins.so, "
+                         "built with 'make plugins')")
+    if args.timing_cache and Path(args.timing_cache).is_dir():
+        raise UsageError(f"timing cache '{args.timing_cache}' is a directory; give a file name like orin.cache")
+    if args.workspace < 1:
+        raise UsageError(f"--workspace must be >= 1 MiB (got {args.workspace})")
+    meta = graph_metadata(proto)
+    # A mixed-precision export carries its precisions in its tensor types: only a strongly typed build keeps them.
+    strongly_typed = args.strongly_typed or graph_precision(proto) == "fp16"
+    standard_graph: Optional[str] = args.onnx
+    if has_plugin_nodes(proto):  # record the standard-op graph beside it, for `verify --engine`
+        try:
+            standard_graph = str(find_standard_graph(str(out), args.onnx).path)
+        except StandardGraphNotFound:
+            standard_graph = None
+            log(f"[staticprune] note: no standard-op graph found beside {args.onnx}; 'verify --engine' will need "
+                "--standard PATH")
     try:
         require_tensorrt()
     except TensorRTUnavailable as exc:
         raise UsageError(str(exc)) from None
-    proto = _load_onnx(args.onnx)
-    out = Path(args.output)
-    if out.exists() and not args.force:
-        raise UsageError(f"output '{out}' exists; pass --force to overwrite it")
-    for lib in args.plugins or []:
-        if not Path(lib).is_file():
-            raise UsageError(f"plugin library '{lib}' does not exist; build it with 'make plugins'")
-    meta = next((json.loads(e.value) for e in proto.metadata_props if e.key == "staticprune"), {})
+    if strongly_typed and args.fp16:
+        log("[staticprune] note: strongly typed build: --fp16 is not used, the graph's tensor types decide")
+    mode = " (strongly typed)" if strongly_typed else " (fp16)" if args.fp16 else ""
     try:
-        with step(f"building a TensorRT engine from {args.onnx}{' (fp16)' if args.fp16 else ''}"):
-            sidecar = build_engine(args.onnx, str(out), fp16=args.fp16, plugins=args.plugins or [],
-                                   timing_cache=args.timing_cache, workspace_mb=args.workspace, metadata=meta)
-    except TensorRTUnavailable as exc:
+        with step(f"building a TensorRT engine from {args.onnx}{mode}"):
+            sidecar = build_engine(args.onnx, str(out), fp16=args.fp16, strongly_typed=strongly_typed,
+                                   plugins=plugins, timing_cache=args.timing_cache, workspace_mb=args.workspace,
+                                   metadata=meta, standard_graph=standard_graph)
+    except TimingCacheError as exc:
         raise UsageError(str(exc)) from None
+    except RuntimeError as exc:  # TensorRT could not parse or build the graph: a check that failed
+        log(f"staticprune: {exc}")
+        return EXIT_CHECK_FAILED
     print(f"wrote {out} and {out}.json (TensorRT {sidecar['tensorrt']}, built in {sidecar['build_seconds']:.1f} s)")
     return EXIT_OK
 
 
 def cmd_verify_engine(args: argparse.Namespace) -> int:
-    from staticprune.trt import TensorRTUnavailable, verify_engine
+    from staticprune.trt.engine import (StandardGraphNotFound, TensorRTUnavailable, file_feeds, find_standard_graph,
+                                        generated_feeds, graph_input, graph_metadata, require_tensorrt,
+                                        verify_engine)
 
-    sidecar_path = Path(args.engine + ".json")
-    if not Path(args.engine).is_file():
+    engine = Path(args.engine)
+    if not engine.is_file():
         raise UsageError(f"engine '{args.engine}' does not exist")
-    onnx_path = args.onnx or (json.loads(sidecar_path.read_text())["onnx"] if sidecar_path.is_file() else None)
-    if not onnx_path or not Path(onnx_path).is_file():
-        raise UsageError("give the standard-op ONNX graph to compare with (positional argument), or keep the sidecar")
-    proto = _load_onnx(onnx_path)
-    meta = next((json.loads(e.value) for e in proto.metadata_props if e.key == "staticprune"), {})
-    if meta.get("standard_graph"):  # a plugin graph: ONNX Runtime runs the standard graph exported beside it
-        onnx_path = meta["standard_graph"]
-        proto = _load_onnx(onnx_path)
-    cfg = _config_from_onnx(proto, args)
-    inputs = _inputs_for(cfg, args)
-    name = proto.graph.input[0].name
+    sidecar: dict = {}
+    sidecar_path = Path(args.engine + ".json")
+    if sidecar_path.is_file():
+        try:
+            sidecar = json.loads(sidecar_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"sidecar '{sidecar_path}' is not a readable JSON file ({exc.__class__.__name__})") from None
+    if args.onnx and not Path(args.onnx).is_file():
+        raise UsageError(f"ONNX file '{args.onnx}' does not exist")
+    for name in ("atol", "rtol", "margin_eps"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+    if args.inputs < 1 and not args.input:
+        raise UsageError(f"--inputs must be >= 1 (got {args.inputs})")
+    if args.plugins:
+        plugins = _plugin_libraries(args.plugins)
+    else:  # the libraries the engine was built with, where they are on this machine
+        recorded = sidecar.get("plugins") or []
+        missing = [p for p in recorded if not Path(p).is_file()]
+        if missing:
+            raise UsageError(f"plugin library '{missing[0]}' recorded in {sidecar_path} does not exist here; pass "
+                             "--plugins PATH")
+        plugins = list(recorded)
     try:
-        result = verify_engine(args.engine, onnx_path, [{name: x.numpy()} for x in inputs], plugins=args.plugins or [],
-                               atol=args.atol, rtol=args.rtol)
+        standard = find_standard_graph(args.engine, args.onnx, args.standard, sidecar)
+        name, shape, _ = graph_input(standard.proto)
+    except (StandardGraphNotFound, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    meta = graph_metadata(standard.proto)
+    standard.proto = None  # ONNX Runtime loads the file itself: do not hold a second copy of the weights
+    try:
+        arrays = (file_feeds(args.input, shape, meta) if args.input
+                  else generated_feeds(shape, args.inputs, args.seed + 1, raw_input=bool(meta.get("raw_input"))))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        require_tensorrt()
     except TensorRTUnavailable as exc:
         raise UsageError(str(exc)) from None
-    for out_name, entry in result["outputs"].items():
-        print(f"{out_name:<20} max abs {entry['max_abs']:.3e}  elements outside atol+rtol*|ref|: {entry['failing']}")
-    print(("PASS" if result["ok"] else "FAIL") + f": engine vs ONNX Runtime, {result['inputs']} input(s)")
-    _write_json(args.json, result)
-    return EXIT_OK if result["ok"] else EXIT_CHECK_FAILED
+    with step(f"running the engine and ONNX Runtime ({standard.path}) on {len(arrays)} input(s)"):
+        report = verify_engine(args.engine, str(standard.path), [{name: x} for x in arrays], plugins=plugins,
+                               atol=args.atol, rtol=args.rtol, margin_eps=args.margin_eps)
+    print(report.format())
+    _write_json(args.json, {"engine": args.engine, "standard_graph": str(standard.path), **report.to_dict()})
+    return EXIT_OK if report.ok else EXIT_CHECK_FAILED
 
 
 def cmd_bench_suite(args: argparse.Namespace) -> int:
@@ -708,11 +1117,17 @@ def cmd_train_policy(args: argparse.Namespace) -> int:
 def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--model", required=required, help="model name (see 'staticprune models')")
     p.add_argument("--size", required=required, help="input size HxW, multiples of 16 (e.g. 512x512, 512x1024)")
-    p.add_argument("--classes", type=int, default=150, help="number of classes (150 ADE20K, 19 Cityscapes; default 150)")
+    p.add_argument("--classes", type=int, default=None,
+                   help="number of classes (150 ADE20K, 19 Cityscapes); default: the checkpoint's (--weights), else 150")
     p.add_argument("--batch", type=int, default=1, help="fixed batch size of the graph (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and generated inputs")
-    p.add_argument("--weights", help="checkpoint: timm, official Segmenter, mmseg SegViT or staticprune layout")
+    p.add_argument("--weights", help="checkpoint: timm, official Segmenter, mmseg SegViT or DToP, or staticprune layout")
     p.add_argument("--weights-layout", default="auto", choices=["auto", "native", "timm", "segmenter", "mmseg"])
+    p.add_argument("--backbone-only", action="store_true",
+                   help="load only the backbone of --weights (e.g. a timm ImageNet checkpoint); the decoder keeps its "
+                        "initialisation")
+    p.add_argument("--weights-grid", metavar="HxW",
+                   help="token grid of the checkpoint's positional table (its training crop / 16), when not square")
     p.add_argument("--method", default=None, help="token-reduction method (default none)")
     p.add_argument("--config", help="JSON method config (as written by 'staticprune calibrate')")
     p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, repeatable")
@@ -727,7 +1142,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from staticprune import __version__
+
     parser = _Parser(prog="staticprune", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"staticprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="export a model to ONNX, then lint and verify it")
@@ -742,8 +1160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-slim", action="store_true", help="skip the onnxslim pass")
     p.add_argument("--plugins", action="store_true",
                    help="emit the TensorRT plugin graph (StaticPrune* nodes); the standard graph goes beside it")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="fp16: FP16 network with every token decision in FP32 (explicit casts; build it strongly "
+                        "typed), checked by the FP16 parity level")
     p.add_argument("--verify-inputs", type=int, default=1, help="generated inputs for verification (default 1)")
-    p.add_argument("--tol", type=float, default=1e-4, help="max abs error allowed (default 1e-4)")
+    p.add_argument("--tol", type=float, default=None,
+                   help="max abs error allowed (default 1e-4; 5e-2 with --precision fp16)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--json", help="write the lint and verify results as JSON")
     p.set_defaults(func=cmd_export)
@@ -755,16 +1177,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_lint)
 
     p = sub.add_parser("verify", help="compare ONNX Runtime with PyTorch (or a TensorRT engine with ONNX Runtime)")
-    p.add_argument("onnx", nargs="?")
+    p.add_argument("onnx", nargs="?", help="exported graph; with --engine, the graph the engine was built from")
     p.add_argument("--engine", help="TensorRT engine to compare with ONNX Runtime on the standard-op graph")
-    p.add_argument("--plugins", action="append", help="plugin library to load (repeatable)")
+    p.add_argument("--standard", metavar="PATH",
+                   help="engine check: the standard-op graph ONNX Runtime runs (default: found beside the engine or "
+                        "the given graph: <stem>.standard.onnx, the sidecar's recorded path)")
+    p.add_argument("--plugins", action="append",
+                   help="plugin library to load (repeatable; engine check default: the sidecar's)")
     p.add_argument("--atol", type=float, default=1e-2, help="engine check: absolute tolerance (default 1e-2, fp16)")
     p.add_argument("--rtol", type=float, default=1e-2, help="engine check: relative tolerance (default 1e-2)")
+    p.add_argument("--margin-eps", type=float, default=None,
+                   help="engine check: a decision that flips where the reference margin is <= this is a near-tie, "
+                        "not a failure (default 2^-10 = 9.77e-4, FP16's resolution of a score of magnitude 1; label "
+                        "flips are near-ties up to 2 x (atol + rtol x max |logit|))")
     _add_model_args(p, required=False)
     p.add_argument("--input", action="append", help="image or .npy input (repeatable); default: generated")
     p.add_argument("--inputs", type=int, default=2, help="number of generated inputs (default 2)")
-    p.add_argument("--tol", type=float, default=1e-4)
-    p.add_argument("--json")
+    p.add_argument("--tol", type=float, default=None,
+                   help="max abs error of L2 (ONNX Runtime vs PyTorch) and L1 (static vs eager reference) logits "
+                        "(default 1e-4; 5e-2 for fp16 graphs); decisions flipping at margins <= 10 x tol are near-ties")
+    p.add_argument("--allow-overflow", action="store_true",
+                   help="report capacity overflow (tokens a capacity could not hold) without failing (exit 0)")
+    p.add_argument("--json", help="write L2, L1 and the overflow counts as JSON")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", help="GFLOPs and CPU latency (PyTorch, ONNX Runtime)")
@@ -810,7 +1244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build a TensorRT engine (needs TensorRT) with a JSON sidecar")
     p.add_argument("onnx")
     p.add_argument("-o", "--output", required=True, help="output .engine path")
-    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--fp16", action="store_true", help="weakly typed FP16 build (TensorRT picks layer precisions)")
+    p.add_argument("--strongly-typed", action="store_true",
+                   help="strongly typed network: the ONNX tensor types decide every layer's precision (automatic "
+                        "for graphs exported with mixed precision)")
     p.add_argument("--plugins", action="append", help="plugin library to load (repeatable)")
     p.add_argument("--timing-cache", help="timing cache file (read if present, then updated)")
     p.add_argument("--workspace", type=int, default=4096, help="workspace MiB (default 4096)")
@@ -866,7 +1303,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    global _command_line
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _command_line = "staticprune " + shlex.join(argv)  # recorded in exported graphs
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -15,30 +15,42 @@ import onnx
 from staticprune.models import SegmentationModel, build_model, get_spec, parse_size
 
 METADATA_KEY = "staticprune"
+PRECISION_KEY = "staticprune.precision"
+VERSION_KEY = "staticprune.version"  # the tool version that exported the graph
+COMMAND_KEY = "staticprune.command"  # the full export command line, when it came from the CLI
 
 
 @dataclass
 class ModelConfig:
     model: str = "segmenter-vit-s-mask"
     size: tuple[int, int] = (512, 512)
-    classes: int = 150
+    classes: Optional[int] = 150  # None: read from the checkpoint (`weights`) when the model is built
     batch: int = 1
     seed: int = 0
     weights: Optional[str] = None
     weights_layout: str = "auto"
+    backbone_only: bool = False  # load only the backbone of `weights`; the decoder keeps its initialisation
+    weights_grid: Optional[tuple[int, int]] = None  # token grid of the checkpoint's positional table, if not square
     method: str = "none"
     method_options: dict[str, Any] = field(default_factory=dict)
     labels: bool = False  # also emit int32 argmax labels from the graph
     decompose_layernorm: bool = False  # for TensorRT 8.5 (JetPack 5), which has no LayerNormalization
     raw_input: bool = False  # graph input is RGB in 0..255, normalised inside the graph
+    precision: str = "fp32"  # fp16: FP16 network, FP32 decisions (models/precision.py)
 
     def validate(self) -> None:
         get_spec(self.model)
         self.size = parse_size(f"{self.size[0]}x{self.size[1]}")
+        if self.classes is None:
+            raise ValueError("give --classes K (no checkpoint to read the class count from)")
         if self.classes < 1:
             raise ValueError(f"--classes must be >= 1 (got {self.classes})")
         if self.batch < 1:
             raise ValueError(f"--batch must be >= 1 (got {self.batch})")
+        from staticprune.models.precision import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -47,6 +59,8 @@ class ModelConfig:
     def from_json(cls, text: str) -> "ModelConfig":
         data = json.loads(text)
         data["size"] = tuple(data["size"])
+        if data.get("weights_grid") is not None:
+            data["weights_grid"] = tuple(data["weights_grid"])
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
@@ -61,17 +75,33 @@ def build_method(cfg: ModelConfig, model: SegmentationModel):
 
 
 def build(cfg: ModelConfig) -> SegmentationModel:
-    """Build (and load weights into) the model a config describes. Raises ValueError/CheckpointError."""
+    """Build (and load weights into) the model a config describes. Raises ValueError/CheckpointError.
+
+    The method is built before the weights load, so that a checkpoint's method parameters (DToP's prune heads)
+    load too. With `classes` None the class count comes from the checkpoint (read once)."""
+    state_dict = None
+    if cfg.weights:
+        from staticprune.models.checkpoints import checkpoint_num_classes, read_state_dict
+
+        state_dict = read_state_dict(cfg.weights)
+        if cfg.classes is None:
+            cfg.classes = checkpoint_num_classes(state_dict, cfg.weights_layout, name=cfg.weights)
     cfg.validate()
     model = build_model(cfg.model, cfg.size, num_classes=cfg.classes, seed=cfg.seed)
-    if cfg.weights:
+    model.method = build_method(cfg, model)
+    if state_dict is not None:
         from staticprune.models.checkpoints import load_checkpoint
 
-        load_checkpoint(model, cfg.weights, layout=cfg.weights_layout)
-    model.method = build_method(cfg, model)
+        load_checkpoint(model, state_dict, layout=cfg.weights_layout, backbone_only=cfg.backbone_only,
+                        pos_grid=cfg.weights_grid, name=cfg.weights)
+        del state_dict
     model.emit_labels = cfg.labels
     model.raw_input = cfg.raw_input
     model.set_decomposed_layernorm(cfg.decompose_layernorm)
+    if cfg.precision == "fp16":
+        from staticprune.models.precision import to_mixed_precision
+
+        to_mixed_precision(model)
     return model.eval()
 
 
@@ -85,7 +115,8 @@ def example_inputs(cfg: ModelConfig, count: int, seed: int):
     return inputs
 
 
-def attach_config(proto: onnx.ModelProto, cfg: ModelConfig, extra: Optional[dict[str, Any]] = None) -> None:
+def attach_config(proto: onnx.ModelProto, cfg: ModelConfig, extra: Optional[dict[str, Any]] = None,
+                  command: Optional[str] = None) -> None:
     spec = get_spec(cfg.model)
     payload = json.loads(cfg.to_json())
     payload["mean"], payload["std"] = list(spec.mean), list(spec.std)
@@ -93,6 +124,16 @@ def attach_config(proto: onnx.ModelProto, cfg: ModelConfig, extra: Optional[dict
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(payload, sort_keys=True)
+    # Read by `staticprune build` (and by hand) without parsing the JSON: an fp16 graph is built strongly typed.
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = PRECISION_KEY, cfg.precision
+    from staticprune import __version__
+
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = VERSION_KEY, __version__
+    if command:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = COMMAND_KEY, command
 
 
 def read_config(proto: onnx.ModelProto) -> Optional[ModelConfig]:

@@ -57,7 +57,7 @@ class TrainConfig:
     weight_decay: float = 1e-3
     window_sizes: tuple[int, ...] = (2, 4, 8, 16)
     val_fraction: float = 0.2
-    eval_thresholds: tuple[float, ...] = (0.6, 0.8, 0.9, 0.9)  # 2x2, 4x4, 8x8, 16x16 (seed 000's dCTS)
+    eval_thresholds: tuple[float, ...] = (0.6, 0.8, 0.9, 0.9)  # 2x2, 4x4, 8x8, 16x16 ([Poreba et al.]'s dCTS)
     flip: bool = True
     negative_weight: float = 5.0  # loss weight of "several classes" 2x2 windows, x s / 2 for s x s windows
     crop: int = 0  # train on random cell-aligned crops, side drawn per batch from 96..crop (step 32); 0 = whole images
@@ -240,7 +240,7 @@ def _loss(policy: PolicyNet, x: Tensor, y: Tensor, negative_weight: float = 5.0,
     for s, logits in policy.window_logits(x).items():
         if cropped and min(logits.shape[-2:]) < 2:
             continue
-        # A wrong large superpatch costs more than a missed one ([001] keeps tau = 0.9 for large windows): the
+        # A wrong large superpatch costs more than a missed one ([STEP] keeps tau = 0.9 for large windows): the
         # "several classes" class weighs more as windows grow.
         weight = torch.tensor([negative_weight * s / 2, 1.0])
         t = window_targets(y, s)

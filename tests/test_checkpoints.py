@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -178,9 +179,9 @@ def test_pos_grid_for_non_square_training_crops():
     src = build_model("segmenter-vit-t-linear", (32, 48), num_classes=K, seed=0)  # 2x3: 6 rows, not square
     dst = build_model("segmenter-vit-t-linear", (64, 64), num_classes=K, seed=1)
     ckpt = to_layout(src, "segmenter")
-    with pytest.raises(CheckpointError, match=r"not a square grid; pass pos_grid"):
+    with pytest.raises(CheckpointError, match=r"not a square grid; pass --weights-grid HxW"):
         load_checkpoint(dst, ckpt)
-    with pytest.raises(CheckpointError, match=r"pos_grid=3x3 gives 9 positions"):
+    with pytest.raises(CheckpointError, match=r"--weights-grid 3x3 gives 9 positions"):
         load_checkpoint(dst, ckpt, pos_grid=(3, 3))
     report = load_checkpoint(dst, ckpt, pos_grid=(2, 3))
     assert report.pos_grid_from == (2, 3)
@@ -225,7 +226,7 @@ def test_missing_and_unexpected_keys_are_listed(sources):
 def test_class_count_hint(sources):
     dst = build_model("segmenter-vit-t-linear", SEG_SIZE, num_classes=5, seed=1)
     ckpt = to_layout(sources["segmenter-vit-t-linear"], "segmenter")
-    with pytest.raises(CheckpointError, match=r"shape mismatch 2 \(decoder\.head\.weight: checkpoint 3x192 vs model 5x192.*num_classes=3"):
+    with pytest.raises(CheckpointError, match=r"shape mismatch 2 \(decoder\.head\.weight: checkpoint 3x192 vs model 5x192.*pass --classes 3"):
         load_checkpoint(dst, ckpt)
     report = load_checkpoint(dst, ckpt, backbone_only=True)
     assert sorted(report.kept_init) == ["decoder.head.bias", "decoder.head.weight"]
@@ -247,7 +248,7 @@ def test_timm_layout_needs_backbone_only_without_decoder(sources):
     src = sources["segmenter-vit-t-mask"]
     timm = {k: v for k, v in to_layout(src, "timm").items() if not k.startswith("decoder.")}
     dst = build_model("segmenter-vit-t-mask", SEG_SIZE, num_classes=K, seed=1)
-    with pytest.raises(CheckpointError, match="timm layout, which carries only the backbone.*backbone_only=True"):
+    with pytest.raises(CheckpointError, match="timm layout, which carries only the backbone.*pass --backbone-only"):
         load_checkpoint(dst, timm)
     decoder_before = {k: v.clone() for k, v in dst.state_dict().items() if k.startswith("decoder.")}
     report = load_checkpoint(dst, timm, backbone_only=True)
@@ -270,11 +271,11 @@ def test_timm_distilled_token_is_dropped(sources):
     assert torch.equal(dst.backbone.pos_embed, src.backbone.pos_embed)
 
 
-def test_segmenter_distilled_is_refused(sources):
+def test_segmenter_distilled_into_a_vit_model_names_the_deit_model(sources):
     ckpt = to_layout(sources["segmenter-vit-t-linear"], "segmenter")
     ckpt["model"]["encoder.dist_token"] = torch.zeros(1, 1, 192)
     dst = build_model("segmenter-vit-t-linear", SEG_SIZE, num_classes=K, seed=1)
-    with pytest.raises(CheckpointError, match="DeiT-distilled encoders are not supported"):
+    with pytest.raises(CheckpointError, match="DeiT-distilled encoder .*use --model segmenter-deit-t-linear$"):
         load_checkpoint(dst, ckpt)
 
 
@@ -333,3 +334,195 @@ def test_random_bytes_never_escape_as_another_exception(tmp_path, seed):
     junk.write_bytes(bytes(rng.getrandbits(8) for _ in range(rng.choice([1, 7, 64, 300]))))
     with pytest.raises(CheckpointError, match=f"junk{seed}.pth"):
         read_state_dict(junk)
+
+
+# ----------------------------------------------------------------------------------------------- DToP / STEP heads
+
+
+def _dtop_model(seed: int, options: dict) -> SegmentationModel:
+    from staticprune.methods import build_static_method
+
+    model = _narrow_segvit(SEGVIT_SIZE, seed=seed)
+    model.method = build_static_method("dtop", options, model)
+    return model
+
+
+def _trained_heads(method: torch.nn.Module, seed: int) -> None:
+    """Stand-in for trained heads: unit-variance weights (confidences spread over (0, 1)), not the seeded init."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in [*method.aux_heads, method.final_head]:
+            for name, p in head.named_parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) / (p.shape[1] ** 0.5 if p.dim() >= 2 else 4.0))
+            head.class_embed.weight.mul_(3.0)
+
+
+def _official_dtop_checkpoint(model: SegmentationModel) -> dict:
+    """An mmcv checkpoint in DToP's layout: mmseg backbone names, `auxiliary_head.{i}.*` and `decode_head.*`
+    (PruneHead names), one loss buffer per head, no SegViT decoder."""
+    sd = {k: v for k, v in to_layout(model, "mmseg")["state_dict"].items() if k.startswith("backbone.")}
+    for k, v in model.method.state_dict().items():
+        sd[k.replace("aux_heads.", "auxiliary_head.").replace("final_head.", "decode_head.")] = v.clone()
+    for head in ("auxiliary_head.0", "auxiliary_head.1", "decode_head"):
+        sd[f"{head}.loss_decode.criterion.empty_weight"] = torch.tensor([1.0, 0.1])
+    return {"state_dict": sd, "meta": {"mmseg_version": "1.x"}}
+
+
+DTOP_OPTIONS = {"threshold": 0.3, "keep_top_per_class": 1, "capacity_ratio": 1.0, "expose_decisions": True}
+
+
+def _decisions(model: SegmentationModel) -> dict[str, torch.Tensor]:
+    img = torch.randn(2, 3, *SEGVIT_SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = dict(zip(model.output_names(), model(img)))
+    return {k: v for k, v in out.items() if k.startswith("decision_")}
+
+
+def test_dtop_prune_heads_load_from_the_official_layout(tmp_path, monkeypatch):
+    from staticprune.models.registry import MODELS
+    from staticprune.pipeline import ModelConfig, build
+    from staticprune.reference.dtop import reference_forward
+
+    trained = _dtop_model(seed=0, options=DTOP_OPTIONS)
+    _trained_heads(trained.method, seed=5)
+    path = tmp_path / "dtop_iter_40000.pth"
+    ckpt = _official_dtop_checkpoint(trained)
+    assert {"auxiliary_head.1.decoder.layers.2.multihead_attn.k.weight", "decode_head.q.weight",
+            "auxiliary_head.0.class_embed.bias", "decode_head.proj_norm.weight"} <= set(ckpt["state_dict"])
+    assert not any(k.startswith("decode_head.input_proj_") for k in ckpt["state_dict"])
+    torch.save(ckpt, path)
+
+    # the CLI's path: the method is built first, the class count comes from the heads' queries (K = 3)
+    monkeypatch.setitem(MODELS, "segvit-vit-t-atm", trained.spec)
+    cfg = ModelConfig(model="segvit-vit-t-atm", size=SEGVIT_SIZE, classes=None, weights=str(path), method="dtop",
+                      method_options=DTOP_OPTIONS)
+    loaded = build(cfg)
+    assert cfg.classes == K
+    for k, v in trained.state_dict().items():
+        if not k.startswith("decoder."):  # DToP does not use the SegViT decoder: it keeps its initialisation
+            assert torch.equal(loaded.state_dict()[k], v), k
+
+    random_heads = _dtop_model(seed=0, options=DTOP_OPTIONS)  # same backbone, heads from head_seed 0
+    got, want, seeded = _decisions(loaded), _decisions(trained), _decisions(random_heads)
+    exits = {k: int((v == 1).sum()) for k, v in got.items()}
+    assert exits == {"decision_layer5": 0, "decision_layer7": 14}  # halting now follows the loaded heads
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert {k: int((v == 1).sum()) for k, v in seeded.items()} == {"decision_layer5": 0, "decision_layer7": 0}
+    # the eager reference reads the same heads from the attached method
+    img = torch.randn(2, 3, *SEGVIT_SIZE, generator=torch.Generator().manual_seed(0))
+    ref = reference_forward(loaded, img, DTOP_OPTIONS)
+    assert torch.equal(ref.decisions["layer7"].to(torch.int32), got["decision_layer7"])
+
+
+def test_dtop_heads_from_a_native_state_dict_and_mismatched_exits():
+    trained = _dtop_model(seed=0, options=DTOP_OPTIONS)
+    _trained_heads(trained.method, seed=6)
+    native = to_layout(trained, "native")
+    assert "method.aux_heads.1.q.weight" in native and "method.final_head.class_embed.bias" in native
+    dst = _dtop_model(seed=1, options=DTOP_OPTIONS)
+    report = load_checkpoint(dst, native)
+    assert not report.kept_init and report.loaded == len(native)
+    assert all(torch.equal(dst.state_dict()[k], v) for k, v in native.items())
+
+    one_exit = _dtop_model(seed=1, options={**DTOP_OPTIONS, "exit_layers": [7]})
+    with pytest.raises(CheckpointError, match=r"unexpected \d+ keys \(method\.aux_heads\.1\..*the checkpoint has 2 "
+                                              r"auxiliary prune head\(s\), the method 1 exit\(s\): .*exit_layers"):
+        load_checkpoint(one_exit, _official_dtop_checkpoint(trained))
+    plain = _narrow_segvit(SEGVIT_SIZE, seed=1)
+    with pytest.raises(CheckpointError, match=r"holds DToP prune heads .* export it with --method dtop"):
+        load_checkpoint(plain, _official_dtop_checkpoint(trained))
+    report = load_checkpoint(plain, _official_dtop_checkpoint(trained), backbone_only=True)
+    assert {"method.final_head.q.weight", "method.aux_heads.0.q.weight"} <= set(report.ignored)  # our names
+    assert report.kept_init == [k for k in plain.state_dict() if k.startswith("decoder.")]
+
+
+# ----------------------------------------------------------------------------------------------- DeiT, classes, CLI
+
+
+def _deit_segmenter_checkpoint(path, size=(48, 48), decoder="mask") -> dict:
+    """The official Segmenter zoo's DeiT variant at ViT-T width: encoder.dist_token, encoder.head_dist.*, a
+    positional table with two prefix rows, n_cls; random weights."""
+    src = build_model(f"segmenter-deit-t-{decoder}", size, num_classes=K, seed=4)
+    ckpt = to_layout(src, "segmenter")
+    model = ckpt["model"]
+    assert model["encoder.dist_token"].shape == (1, 1, 192)
+    assert model["encoder.pos_embed"].shape == (1, 2 + (size[0] // 16) * (size[1] // 16), 192)
+    assert {"encoder.head_dist.weight", "encoder.head.weight"} <= set(model) and ckpt["n_cls"] == K
+    torch.save(ckpt, path)
+    return ckpt
+
+
+def test_deit_distilled_checkpoint_resizes_both_prefix_rows(tmp_path):
+    ckpt = _deit_segmenter_checkpoint(tmp_path / "deit.pth")
+    dst = build_model("segmenter-deit-t-mask", (64, 80), num_classes=K, seed=1)
+    report = load_checkpoint(dst, tmp_path / "deit.pth")
+    assert report.pos_grid_from == (3, 3) and report.pos_grid_to == (4, 5)
+    assert sorted(report.ignored) == ["encoder.head.bias", "encoder.head.weight", "encoder.head_dist.bias",
+                                      "encoder.head_dist.weight"]
+    pos = ckpt["model"]["encoder.pos_embed"]
+    assert torch.equal(dst.backbone.pos_embed[:, :2], pos[:, :2])  # CLS and distillation rows kept apart
+    assert torch.equal(dst.backbone.pos_embed, resize_pos_embed(pos, (3, 3), (4, 5), num_prefix=2))
+    assert torch.equal(dst.backbone.dist_token, ckpt["model"]["encoder.dist_token"])
+    vit = build_model("segmenter-vit-t-mask", (48, 48), num_classes=K, seed=1)
+    with pytest.raises(CheckpointError, match="use --model segmenter-deit-t-mask$"):
+        load_checkpoint(vit, ckpt)
+    with pytest.raises(CheckpointError, match="missing 1 key \\(backbone.dist_token\\).*use --model segmenter-vit-t-mask"):
+        load_checkpoint(build_model("segmenter-deit-t-mask", (48, 48), num_classes=K),
+                        to_layout(build_model("segmenter-vit-t-mask", (48, 48), num_classes=K), "segmenter"))
+
+
+def test_deit_distilled_export_verify_and_refusals(tmp_path, capsys):
+    from staticprune.cli import main
+
+    weights = tmp_path / "deit.pth"
+    _deit_segmenter_checkpoint(weights, decoder="linear")  # trained at 48x48, exported at 32x48: resized
+    base = ["--model", "segmenter-deit-t-linear", "--size", "32x48", "--weights", str(weights)]  # no --classes
+    for method, opts in [("none", []), ("tome", ["--opt", "r=0,2,1", "--opt", "layers=1,2,3"]), ("g2tm", []),
+                         ("lvtp", [])]:
+        out = tmp_path / f"{method}.onnx"
+        assert main(["export", *base, "--method", method, *opts, "-o", str(out)]) == 0, method
+        meta = json.loads(next(p.value for p in onnx_load(out).metadata_props if p.key == "staticprune"))
+        assert meta["classes"] == K and meta["mean"] == [0.485, 0.456, 0.406]
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "tome.onnx"), "--inputs", "1"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    for method in ("algm", "cts", "dcts", "dtop", "step"):
+        assert main(["export", *base, "--method", method, "-o", str(tmp_path / f"{method}.onnx")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == (f"staticprune: error: method '{method}' cannot protect the two prefix tokens (CLS and "
+                           "distillation token) of the DeiT-distilled 'segmenter-deit-t-linear'; use --method g2tm, "
+                           "lvtp, tome or none, or a segmenter-vit-* model")
+        assert not (tmp_path / f"{method}.onnx").exists()
+
+
+def onnx_load(path):
+    import onnx
+
+    return onnx.load(str(path))
+
+
+def test_cli_backbone_only_and_checkpoint_messages_in_cli_terms(tmp_path, capsys, sources):
+    from staticprune.cli import main
+
+    timm = tmp_path / "timm.pth"
+    torch.save({k: v for k, v in to_layout(sources["segmenter-vit-t-mask"], "timm").items()
+                if not k.startswith("decoder.")}, timm)
+    base = ["export", "--model", "segmenter-vit-t-mask", "--size", "32x48", "--weights", str(timm)]
+    assert main([*base, "--classes", "5", "-o", str(tmp_path / "a.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "pass --backbone-only to load the backbone" in err and "backbone_only=True" not in err
+    assert main([*base, "-o", str(tmp_path / "a.onnx")]) == 2
+    assert "carries no decoder to read the class count from: pass --classes K" in capsys.readouterr().err
+    assert main([*base, "--backbone-only", "-o", str(tmp_path / "a.onnx")]) == 2
+    assert "give its class count with --classes K" in capsys.readouterr().err
+    assert main([*base, "--backbone-only", "--classes", "5", "-o", str(tmp_path / "b.onnx")]) == 0
+    meta = json.loads(next(p.value for p in onnx_load(tmp_path / "b.onnx").metadata_props if p.key == "staticprune"))
+    assert meta["backbone_only"] is True and meta["classes"] == 5 and meta["weights"] == str(timm.resolve())
+    seg = tmp_path / "seg.pth"
+    torch.save(to_layout(sources["segmenter-vit-t-mask"], "segmenter"), seg)
+    assert main(["export", "--model", "segmenter-vit-t-mask", "--size", "32x48", "--weights", str(seg),
+                 "--classes", "7", "-o", str(tmp_path / "c.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("the checkpoint is for 3 classes: pass --classes 3 (or leave --classes out to read it from "
+                        "the checkpoint), or --backbone-only to keep only the backbone")
+    assert "num_classes" not in err

@@ -119,7 +119,8 @@ def test_window_maps_on_a_grid_16_cannot_tile():
     children = children_index((1, 2), 2, (3, 5))
     assert children.tolist() == [[0, 1, 5, 6], [2, 3, 7, 8]]
     assert reduce_over_children(fine, children, "min").tolist() == [[1.0, 2.0]]
-    assert torch.equal(descending_rank(torch.tensor([[0.5, 0.5, 0.7]]), lower=tie_order(3)), torch.tensor([[1.0, 2.0, 0.0]]))
+    assert torch.equal(descending_rank(torch.tensor([[0.5, 0.5, 0.7]]), lower=tie_order(3)),
+                       torch.tensor([[1, 2, 0]], dtype=torch.int32))
 
 
 # --------------------------------------------------------------------------------------------- options

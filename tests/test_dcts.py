@@ -188,6 +188,8 @@ def test_l1_static_equals_reference(seed):
         options["capacity"] = max(max(kept), low)
     elif c["capacity"] == "overflow":
         options["capacity"] = max(low, min(kept) - 1 - seed % 5)
+    else:  # "exact": a slot for every patch (the default ratio trades exactness for the paper's cost)
+        options["capacity_ratio"] = 1.0
     attach(model, DCTS(DCTSConfig(**options), model, policy=policy))
     cap = model.method.capacity
     static = run_static(model, img)

@@ -69,10 +69,12 @@ def spread_heads(method: torch.nn.Module, seed: int, saturate: bool = False) -> 
 
 
 def with_dtop(hw, classes, options, seed=0, saturate=False) -> SegmentationModel:
-    """A (shallow) copy of the cached model with its own DToP module; 2-layer heads keep the suite fast."""
+    """A (shallow) copy of the cached model with its own DToP module; 2-layer heads keep the suite fast. Capacities:
+    every patch unless `options` gives counts (the default ratio trades exactness for the paper's cost)."""
     model = copy.copy(tiny_segvit(hw, classes))
     model._modules = dict(model._modules)
-    model.method = build_dtop({"exit_layers": EXITS, "head_layers": 2, **options}, model)
+    exact = {} if "capacity" in options else {"capacity_ratio": [1.0]}
+    model.method = build_dtop({"exit_layers": EXITS, "head_layers": 2, **exact, **options}, model)
     spread_heads(model.method, seed + 100, saturate)
     return model
 

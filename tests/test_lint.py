@@ -344,19 +344,69 @@ def test_int64_io_is_a_warning_on_trt8():
 # other op rules
 
 
-def test_argmax_select_last_index_is_an_error():
-    node = helper.make_node("ArgMax", ["x"], ["y"], name="argmax_last", axis=1, select_last_index=1)
-    model = make_model([node], [vinfo("x", [1, 4, 8])], [vinfo("y", [1, 1, 8], TensorProto.INT64)])
-    assert rules(lint_model(model, "orin-jp6")) == [("select-last-index", "argmax_last")]
+@pytest.mark.parametrize("target", ALL_TARGETS)
+def test_arg_reduce_select_last_index_is_accepted(target):
+    # The 8.5, 8.6 and 10.x importers honour select_last_index=1: no rule fires (only TensorRT 8's INT64-output
+    # warning, which is about the graph output's type, not the attribute).
+    nodes = [helper.make_node("ArgMax", ["x"], ["y"], name="argmax_last", axis=1, select_last_index=1),
+             helper.make_node("ArgMin", ["x"], ["z"], name="argmin_last", axis=1, select_last_index=1)]
+    model = make_model(nodes, [vinfo("x", [1, 4, 8])],
+                       [vinfo("y", [1, 1, 8], TensorProto.INT64), vinfo("z", [1, 1, 8], TensorProto.INT64)])
+    report = lint_model(model, target)
+    assert report.ok and report.errors == []
+    expected_warnings = [("int64-io", "y"), ("int64-io", "z")] if get_target(target).trt_major == 8 else []
+    assert sorted(rules(report, "warning")) == expected_warnings
+
+
+@pytest.mark.parametrize("target", ALL_TARGETS)
+def test_clip_with_tensor_bounds_is_accepted(target):
+    # Bounds computed in the graph (here: graph inputs) take the importer's elementwise path; not an error.
+    clip = helper.make_node("Clip", ["x", "lo", "hi"], ["y"], name="clip_tensor_bounds")
+    model = make_model([clip], [vinfo("x", [1, 8]), vinfo("lo", []), vinfo("hi", [])], [vinfo("y", [1, 8])])
+    assert lint_model(model, target).violations == []
+    # The neighbouring constant-input rule still holds: a tensor Unsqueeze axes is an error on every target.
+    unsqueeze = helper.make_node("Unsqueeze", ["y", "axes"], ["u"], name="unsqueeze_tensor_axes")
+    model = make_model([clip, unsqueeze], [vinfo("x", [1, 8]), vinfo("lo", []), vinfo("hi", []),
+                                           vinfo("axes", [1], TensorProto.INT64)], [vinfo("u", [1, 1, 8])])
+    assert rules(lint_model(model, target)) == [("constant-input", "unsqueeze_tensor_axes")]
 
 
 def test_cumsum_runtime_axis_is_an_error():
     node = helper.make_node("CumSum", ["x", "axis"], ["y"], name="cumsum")
     model = make_model([node], [vinfo("x", [1, 8]), vinfo("axis", [], TensorProto.INT32)], [vinfo("y", [1, 8])])
-    assert rules(lint_model(model, "orin-jp6")) == [("cumsum-axis", "cumsum")]
+    report = lint_model(model, "orin-jp6")
+    assert rules(report) == [("cumsum-axis", "cumsum"), ("cumsum-loop", "cumsum")]
+    assert "unknown axis" in report.errors[1].message and "one iteration per element" in report.errors[1].message
     model.graph.initializer.append(const("axis", 1, np.int32))
     del model.graph.input[1]
-    assert lint_model(model, "orin-jp6").violations == []
+    assert rules(lint_model(model, "orin-jp6")) == [("cumsum-loop", "cumsum")]
+
+
+@pytest.mark.parametrize("target, version", [("orin-jp6", "10.3"), ("orin-jp60", "8.6.2"), ("orin-jp5", "8.5.2"),
+                                             ("x86-trt10", "10.3")])
+@pytest.mark.parametrize("axis, trips", [(1, 4096), (-1, 4096), (0, 2)])
+def test_cumsum_is_a_sequential_loop_before_trt_10_8_and_names_its_trip_count(target, version, axis, trips):
+    """Every target is below 10.8, whose parser lowers CumSum to a Loop of one iteration per element of the axis."""
+    node = helper.make_node("CumSum", ["x", "axis"], ["y"], name="prefix_sum")
+    model = make_model([node], [vinfo("x", [2, 4096], TensorProto.INT32)], [vinfo("y", [2, 4096], TensorProto.INT32)],
+                       [const("axis", axis)])
+    report = lint_model(model, target)
+    assert rules(report) == [("cumsum-loop", "prefix_sum")]
+    message = report.errors[0].message
+    assert f"axis {axis} " in message and f"sequential Loop (trip count {trips})" in message
+    assert f"TensorRT {version} ONNX parser" in message and "10.8" in message
+
+
+def test_scan_is_forbidden_as_a_sequential_loop():
+    body = helper.make_graph([helper.make_node("Add", ["s_in", "x_in"], ["s_out"], name="body_add"),
+                              helper.make_node("Identity", ["s_out"], ["y_out"], name="body_y")], "body",
+                             [vinfo("s_in", [4]), vinfo("x_in", [4])], [vinfo("s_out", [4]), vinfo("y_out", [4])])
+    scan = helper.make_node("Scan", ["s0", "x"], ["s", "y"], name="running_sum", body=body, num_scan_inputs=1)
+    model = make_model([scan], [vinfo("s0", [4]), vinfo("x", [7, 4])], [vinfo("s", [4]), vinfo("y", [7, 4])])
+    for target in ("orin-jp6", "orin-jp60"):
+        errors = lint_model(model, target).errors
+        assert [(v.rule, v.node, v.op) for v in errors] == [("forbidden-op", "running_sum", "Scan")]
+        assert "loop layer, one iteration after another" in errors[0].message
 
 
 def test_einsum_rules_on_trt8():

@@ -54,9 +54,12 @@ def backbone_model(name: str, hw: tuple[int, int]) -> SegmentationModel:
 
 
 def with_lvtp(name: str, hw: tuple[int, int], options: dict) -> SegmentationModel:
+    """Capacities: every patch unless `options` gives counts (the default ratio trades exactness for the paper's
+    cost)."""
     model = copy.copy(backbone_model(name, hw))
     model._modules = dict(model._modules)
-    model.method = build_lvtp(options, model)
+    exact = {} if "capacity" in options or "capacity_ratio" in options else {"capacity_ratio": [1.0]}
+    model.method = build_lvtp({**exact, **options}, model)
     return model
 
 

@@ -10,6 +10,7 @@ from staticprune.ops import restore_tokens
 
 def test_registry_names():
     expected = {f"segmenter-vit-{s}-{d}" for s in "tsbl" for d in ("linear", "mask")} | {"segvit-vit-b-atm", "segvit-vit-l-atm"}
+    expected |= {f"segmenter-deit-{s}-{d}" for s in "tsb" for d in ("linear", "mask")}
     assert set(MODELS) == expected
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from staticprune.export.lint import lint_model
-from staticprune.ops.compaction import compact, compaction_index, exclusive_prefix_sum
+from staticprune.ops.compaction import compact, compaction_index
 from staticprune.ops.components import closure_squarings, grid_components, merge_schedule
 from staticprune.verify.parity import run_onnxruntime
 
@@ -226,11 +226,6 @@ def test_components_run_identically_in_onnxruntime_and_lint_clean(shape):
 
 
 # ---------------------------------------------------------------------------------------------- compaction
-
-
-def test_exclusive_prefix_sum_counts_kept_entries_before_each_position():
-    keep = torch.tensor([[True, False, True, True, False, True], [False] * 6])
-    assert exclusive_prefix_sum(keep).tolist() == [[0, 1, 1, 2, 3, 3], [0] * 6]
 
 
 @pytest.mark.parametrize("capacity", [1, 5, 12, 40])

@@ -2,9 +2,10 @@
 
 import json
 
+import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from staticprune.cli import main
 from staticprune.export.lint import lint_model
@@ -68,12 +69,41 @@ def test_structure_check_catches_a_wrong_namespace_and_a_dropped_layer(threshold
     assert any(p.startswith("Softmax") for p in problems)
 
 
-def test_fixed_r_mode_emits_r(tmp_path):
+def test_fixed_r_mode_emits_r(tmp_path, capsys):
+    """The default ToMe graph (fixed r) parses: its nodes carry r and no capacity, which the creator rejects."""
     out = tmp_path / "r.onnx"
     assert main(["export", *TINY, "--opt", "mode=r", "--opt", "r=2", "--opt", "layers=1,2", "--plugins",
                  "-o", str(out)]) == 0
+    assert "lint (orin-jp6): clean" in capsys.readouterr().out
     merges = [n for n in onnx.load(str(out)).graph.node if n.op_type == MERGE_OP]
     assert [_attrs(n)["r"] for n in merges] == [2, 2]
+    assert all("capacity" not in _attrs(n) for n in merges)
+
+
+def test_weight_check_ignores_reduction_constants_and_catches_changed_weights(threshold_graphs):
+    """Layer weights are the initializers equal to a model parameter (as is or transposed), whatever their size:
+    a large constant of a reduction step in the standard graph only is no weight; a changed weight is caught."""
+    plugin, standard = threshold_graphs
+    std = onnx.ModelProto()
+    std.CopyFrom(standard)
+    # a (1, 513, 1) operand and a (1, 1025) row, as the reduction steps of a 512 x 512 export hold
+    column = numpy_helper.from_array(np.arange(513, dtype=np.float32).reshape(1, 513, 1), "reduction_column")
+    row = numpy_helper.from_array(np.ones((1, 1025), dtype=np.float32), "reduction_row")
+    std.graph.initializer.extend([column, row])
+    std.graph.node.append(helper.make_node("MatMul", ["reduction_row", "reduction_column"], ["unused_product"]))
+    weights = [w for w in standard.graph.initializer if w.name.startswith("onnx::MatMul")]
+    parameters = [numpy_helper.to_array(w).T for w in weights]  # Linear weights: the graph holds their transpose
+    assert check_plugin_graph(plugin, std, expected_merges=3, parameters=parameters) == []
+    assert check_plugin_graph(plugin, std, expected_merges=3) == []  # without parameters: the layer operands
+    bad = onnx.ModelProto()
+    bad.CopyFrom(plugin)
+    target = next(w for w in bad.graph.initializer if w.name.startswith("onnx::MatMul"))
+    changed = numpy_helper.to_array(target).copy()
+    changed[0, 0] += 1.0
+    target.CopyFrom(numpy_helper.from_array(changed, target.name))
+    for params in (parameters, None):
+        problems = check_plugin_graph(bad, standard, expected_merges=3, parameters=params)
+        assert "1 layer weights of the standard graph are missing or changed" in problems
 
 
 def test_method_without_plugin_steps_is_refused(tmp_path, capsys):

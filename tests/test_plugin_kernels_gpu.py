@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "plugins"
 KERNEL_SOURCES = [
+    PLUGINS / "common" / "staticprunePluginContract.cpp",
     PLUGINS / "bipartiteMergePlugin" / "bipartiteMergeKernels.cu",
     PLUGINS / "tokenUnmergePlugin" / "tokenUnmergeKernels.cu",
 ]
@@ -110,6 +111,11 @@ class KernelLib:
             + [ctypes.c_float, i32, i32, ptr, ctypes.c_size_t, ptr]
         )
         lib.staticprune_bipartite_merge.restype = i32
+        lib.staticprune_bipartite_merge_thresholds.argtypes = (
+            [ptr, i32, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr] + [i32] * 7
+            + [ctypes.c_float, ptr, i32, i32, ptr, ctypes.c_size_t, ptr]
+        )
+        lib.staticprune_bipartite_merge_thresholds.restype = i32
         lib.staticprune_token_unmerge.argtypes = [ptr, i32, ptr, ptr] + [i32] * 7 + [ptr]
         lib.staticprune_token_unmerge.restype = i32
         self.lib = lib
@@ -532,6 +538,39 @@ def test_merge_threshold_capacity(kernels, capacity_kind, threshold, x_dtype):
         assert overflow.eq(0).all()
     if threshold == math.inf and capacity_kind in ("tight", "minimum"):
         assert overflow.gt(0).all()  # everything merged here is a forced merge, and reported
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merge_per_image_thresholds(kernels):
+    """threshold_input mode (ALGM's adaptive threshold): image b is merged exactly as with the attribute
+    threshold = thresholds[b], and the scalar threshold is ignored."""
+    batch, tokens, prefix, capacity = 3, 57, 1, 40
+    x, metric, size, owner = make_inputs(batch, tokens, prefix, 8, 16, seed=21, pad_fraction=0.1)
+    thresholds = torch.tensor([0.05, 0.2, math.inf])
+    dev = kernels.device
+    t_out = kernels.out_tokens(tokens, prefix, -1, capacity)
+    args = [t.to(dev).contiguous() for t in (x, metric, size.float(), owner.int())]
+    outs = [torch.full((batch, t_out, 16), float("nan"), device=dev), torch.zeros(batch, t_out, device=dev),
+            torch.zeros(batch, tokens - prefix, dtype=torch.int32, device=dev),
+            torch.zeros(batch, dtype=torch.int32, device=dev)]
+    nbytes = kernels.lib.staticprune_bipartite_merge_workspace_size(batch, tokens, prefix, t_out)
+    workspace = torch.zeros(max(nbytes, 1), dtype=torch.uint8, device=dev)
+    per_image = thresholds.to(dev)
+    status = kernels.lib.staticprune_bipartite_merge_thresholds(
+        args[0].data_ptr(), 0, args[1].data_ptr(), 0, args[2].data_ptr(), args[3].data_ptr(),
+        *[o.data_ptr() for o in outs], batch, tokens, 16, 8, tokens - prefix, prefix, -1, -math.inf,
+        per_image.data_ptr(), 0, t_out, workspace.data_ptr(), nbytes, kernels._stream())
+    kernels._sync()
+    assert status == 0
+    overflow = []
+    for b in range(batch):
+        rx, rsize, rowner, roverflow, _ = reference_merge(x[b:b + 1], metric[b:b + 1], size[b:b + 1],
+                                                          owner[b:b + 1], prefix, -1, thresholds[b].item(), capacity)
+        assert torch.equal(outs[2][b:b + 1].cpu().long(), rowner)
+        assert outs[3][b].item() == roverflow.item()
+        torch.testing.assert_close(outs[0][b:b + 1].cpu().double(), rx, rtol=1e-5, atol=1e-5)
+        overflow.append(roverflow.item())
+    assert overflow[2] > 0 and overflow[0] == 0  # the thresholds really differ per image
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

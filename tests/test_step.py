@@ -71,9 +71,13 @@ def spread_heads(method: torch.nn.Module, seed: int, saturate: bool = False) -> 
 
 
 def with_step(hw, classes, options, seed=0, saturate=False) -> SegmentationModel:
+    """Capacities: every patch unless `options` gives counts (the default ratios trade exactness for the paper's
+    cost)."""
     model = copy.copy(tiny_segvit(hw, classes))
     model._modules = dict(model._modules)
-    model.method = build_step({**BASE, **options}, model)
+    exact = {**({} if "token_capacity" in options else {"token_capacity_ratio": 1.0}),
+             **({} if "capacity" in options else {"capacity_ratio": [1.0]})}
+    model.method = build_step({**BASE, **exact, **options}, model)
     spread_heads(model.method, seed + 100, saturate)
     return model
 

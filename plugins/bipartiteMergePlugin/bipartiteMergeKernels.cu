@@ -262,8 +262,8 @@ __global__ void __launch_bounds__(kRankThreads) scoreRankKernel(
 
 __global__ void __launch_bounds__(kPlanThreads) planKernel(float const* __restrict__ size,
     float const* __restrict__ bestScore, int const* __restrict__ bestIdx, int const* __restrict__ rank, int T, int P,
-    int firstA, int firstB, int nA, int nB, int Tout, int r, float threshold, int inclusive, int keptByScore,
-    int* __restrict__ listKey, int* __restrict__ slotOfPos, int* __restrict__ srcOfSlot, int* __restrict__ bOffset,
+    int firstA, int firstB, int nA, int nB, int Tout, int r, float threshold, float const* __restrict__ thresholds,
+    int inclusive, int keptByScore, int* __restrict__ listKey, int* __restrict__ slotOfPos, int* __restrict__ srcOfSlot, int* __restrict__ bOffset,
     int* __restrict__ bCount, int* __restrict__ rankScratch, int* __restrict__ overflow)
 {
     __shared__ int sScan[kPlanThreads];
@@ -281,6 +281,8 @@ __global__ void __launch_bounds__(kPlanThreads) planKernel(float const* __restri
     int* bOff = bOffset + static_cast<size_t>(b) * nB;
     int* bCnt = bCount + static_cast<size_t>(b) * nB;
     int* byRank = rankScratch + static_cast<size_t>(b) * nA;
+    // Threshold mode with a threshold input: one threshold per image replaces the attribute.
+    float const thr = thresholds != nullptr ? thresholds[b] : threshold;
 
     // 1. Counts: valid A, valid B, mergeable A (a valid partner exists), A above the threshold.
     int validA = 0;
@@ -292,7 +294,7 @@ __global__ void __launch_bounds__(kPlanThreads) planKernel(float const* __restri
         validA += sz[posA(firstA, i)] > 0.f ? 1 : 0;
         bool const m = dst[i] >= 0;
         mergeable += m ? 1 : 0;
-        above += (m && (inclusive ? score[i] >= threshold : score[i] > threshold)) ? 1 : 0;
+        above += (m && (inclusive ? score[i] >= thr : score[i] > thr)) ? 1 : 0;
     }
     for (int j = tid; j < nB; j += kPlanThreads)
     {
@@ -704,6 +706,7 @@ struct MergeArgs
     int P;
     int r;
     float threshold;
+    float const* thresholds; // (batch,) device values replacing `threshold`, or null
     int32_t flags;
     int Tout;
 };
@@ -726,7 +729,8 @@ void launchMerge(XT const* x, MT const* metric, XT* xOut, MergeArgs const& a, Me
     }
     // The merge list is written by mergeListKernel after planKernel: planKernel borrows it as scratch.
     STATICPRUNE_LAUNCH(planKernel, batch, kPlanThreads, stream)(a.size, ws.bestScore, ws.bestIdx, ws.rank, a.T, a.P,
-        split.firstA, split.firstB, split.nA, split.nB, a.Tout, a.r, a.threshold, inclusive, keptByScore, ws.listKey,
+        split.firstA, split.firstB, split.nA, split.nB, a.Tout, a.r, a.threshold, a.thresholds, inclusive, keptByScore,
+        ws.listKey,
         ws.slotOfPos, ws.srcOfSlot, ws.bOffset, ws.bCount, ws.mergeList, a.overflow);
     if (split.nA > 0)
     {
@@ -783,24 +787,7 @@ extern "C" STATICPRUNE_API int32_t staticprune_kernels_abi_version(void)
     return 1;
 }
 
-extern "C" STATICPRUNE_API int32_t staticprune_bipartite_merge_out_tokens(
-    int32_t tokens, int32_t num_prefix, int32_t r, int32_t capacity)
-{
-    if (tokens < 0 || num_prefix < 0 || num_prefix > tokens)
-    {
-        return -1;
-    }
-    int32_t const half = (tokens - num_prefix) / 2; // the smaller half, for either parity
-    if (r >= 0)
-    {
-        return tokens - std::min(r, half);
-    }
-    if (capacity <= 0)
-    {
-        return tokens;
-    }
-    return std::max(tokens - half, std::min(capacity, tokens));
-}
+// staticprune_bipartite_merge_out_tokens is part of the plugin contract (common/staticprunePluginContract.cpp).
 
 extern "C" STATICPRUNE_API size_t staticprune_bipartite_merge_workspace_size(
     int32_t batch, int32_t tokens, int32_t num_prefix, int32_t out_tokens)
@@ -812,11 +799,11 @@ extern "C" STATICPRUNE_API size_t staticprune_bipartite_merge_workspace_size(
     return MergeWorkspace(nullptr, batch, tokens, num_prefix, out_tokens).bytes;
 }
 
-extern "C" STATICPRUNE_API int32_t staticprune_bipartite_merge(void const* x, int32_t x_dtype, void const* metric,
-    int32_t metric_dtype, float const* size, int32_t const* owner, void* x_out, float* size_out, int32_t* owner_out,
-    int32_t* overflow, int32_t batch, int32_t tokens, int32_t dim, int32_t metric_dim, int32_t num_orig,
-    int32_t num_prefix, int32_t r, float threshold, int32_t flags, int32_t out_tokens, void* workspace,
-    size_t workspace_size, staticprune_stream_t stream)
+extern "C" STATICPRUNE_API int32_t staticprune_bipartite_merge_thresholds(void const* x, int32_t x_dtype,
+    void const* metric, int32_t metric_dtype, float const* size, int32_t const* owner, void* x_out, float* size_out,
+    int32_t* owner_out, int32_t* overflow, int32_t batch, int32_t tokens, int32_t dim, int32_t metric_dim,
+    int32_t num_orig, int32_t num_prefix, int32_t r, float threshold, float const* thresholds, int32_t flags,
+    int32_t out_tokens, void* workspace, size_t workspace_size, staticprune_stream_t stream)
 {
     if (!validDtype(x_dtype) || !validDtype(metric_dtype))
     {
@@ -849,7 +836,7 @@ extern "C" STATICPRUNE_API int32_t staticprune_bipartite_merge(void const* x, in
     }
     MergeWorkspace const ws(workspace, batch, tokens, num_prefix, out_tokens);
     MergeArgs const args{size, owner, size_out, owner_out, overflow, batch, tokens, dim, metric_dim, num_orig,
-        num_prefix, r, threshold, flags, out_tokens};
+        num_prefix, r, threshold, r < 0 ? thresholds : nullptr, flags, out_tokens};
     auto* const cudaStream = reinterpret_cast<cudaStream_t>(stream);
     if (x_dtype == STATICPRUNE_DTYPE_FLOAT32)
     {
@@ -860,4 +847,15 @@ extern "C" STATICPRUNE_API int32_t staticprune_bipartite_merge(void const* x, in
         dispatchMetric<__half>(x, metric, metric_dtype, x_out, args, ws, cudaStream);
     }
     return launchStatus();
+}
+
+extern "C" STATICPRUNE_API int32_t staticprune_bipartite_merge(void const* x, int32_t x_dtype, void const* metric,
+    int32_t metric_dtype, float const* size, int32_t const* owner, void* x_out, float* size_out, int32_t* owner_out,
+    int32_t* overflow, int32_t batch, int32_t tokens, int32_t dim, int32_t metric_dim, int32_t num_orig,
+    int32_t num_prefix, int32_t r, float threshold, int32_t flags, int32_t out_tokens, void* workspace,
+    size_t workspace_size, staticprune_stream_t stream)
+{
+    return staticprune_bipartite_merge_thresholds(x, x_dtype, metric, metric_dtype, size, owner, x_out, size_out,
+        owner_out, overflow, batch, tokens, dim, metric_dim, num_orig, num_prefix, r, threshold, nullptr, flags,
+        out_tokens, workspace, workspace_size, stream);
 }

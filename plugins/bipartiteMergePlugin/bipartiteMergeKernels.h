@@ -19,6 +19,7 @@
 #define STATICPRUNE_BIPARTITE_MERGE_KERNELS_H
 
 #include "staticpruneKernelApi.h"
+#include "staticprunePluginContract.h" /* staticprune_bipartite_merge_out_tokens (T') */
 
 #ifdef __cplusplus
 extern "C" {
@@ -37,17 +38,6 @@ enum
     STATICPRUNE_MERGE_KEPT_BY_SCORE = 4
 };
 
-/*
- * Output token count T' for an input of `tokens` slots with `num_prefix` protected ones.
- * With nB = floor((tokens - num_prefix) / 2):
- *   r >= 0:                  T' = tokens - min(r, nB)
- *   r < 0, capacity <= 0:    T' = tokens                       (threshold mode without a cap)
- *   r < 0, capacity > 0:     T' = clamp(capacity, tokens - nB, tokens)
- * (nB is the smaller half for either parity.) Returns -1 if tokens < 0, num_prefix < 0 or num_prefix > tokens.
- */
-STATICPRUNE_API int32_t staticprune_bipartite_merge_out_tokens(
-    int32_t tokens, int32_t num_prefix, int32_t r, int32_t capacity);
-
 /* Bytes of device workspace staticprune_bipartite_merge needs (0 for invalid sizes). */
 STATICPRUNE_API size_t staticprune_bipartite_merge_workspace_size(
     int32_t batch, int32_t tokens, int32_t num_prefix, int32_t out_tokens);
@@ -65,6 +55,16 @@ STATICPRUNE_API int32_t staticprune_bipartite_merge(void const* x, int32_t x_dty
     int32_t* overflow, int32_t batch, int32_t tokens, int32_t dim, int32_t metric_dim, int32_t num_orig,
     int32_t num_prefix, int32_t r, float threshold, int32_t flags, int32_t out_tokens, void* workspace,
     size_t workspace_size, staticprune_stream_t stream);
+
+/*
+ * The same with one threshold per image: in threshold mode (r < 0), `thresholds` (device memory, `batch` FP32
+ * values; null = use `threshold`) replaces `threshold` for each image. The plugin's threshold_input = 1 mode.
+ */
+STATICPRUNE_API int32_t staticprune_bipartite_merge_thresholds(void const* x, int32_t x_dtype, void const* metric,
+    int32_t metric_dtype, float const* size, int32_t const* owner, void* x_out, float* size_out, int32_t* owner_out,
+    int32_t* overflow, int32_t batch, int32_t tokens, int32_t dim, int32_t metric_dim, int32_t num_orig,
+    int32_t num_prefix, int32_t r, float threshold, float const* thresholds, int32_t flags, int32_t out_tokens,
+    void* workspace, size_t workspace_size, staticprune_stream_t stream);
 
 #ifdef __cplusplus
 }

@@ -4,6 +4,7 @@
 #include "bipartiteMergePlugin.h"
 
 #include "bipartiteMergeKernels.h"
+#include "staticprunePluginContract.h"
 
 #include <cmath>
 #include <cstring>
@@ -19,15 +20,17 @@ namespace plugin
 namespace
 {
 
-constexpr int32_t kNbInputs = 4;  // x, metric, size, owner
+constexpr int32_t kMaxInputs = 5; // x, metric, size, owner [, threshold]
 constexpr int32_t kNbOutputs = 4; // x', size', owner', overflow
+constexpr int32_t kMaxRank = STATICPRUNE_CONTRACT_MAX_RANK;
 
 enum Input : int32_t
 {
     kX = 0,
     kMETRIC = 1,
     kSIZE = 2,
-    kOWNER = 3
+    kOWNER = 3,
+    kTHRESHOLD = 4
 };
 
 enum Output : int32_t
@@ -48,7 +51,9 @@ int32_t kernelDtype(DataType type)
     return type == DataType::kHALF ? STATICPRUNE_DTYPE_FLOAT16 : STATICPRUNE_DTYPE_FLOAT32;
 }
 
-//! T' as a dimension expression (mirrors staticprune_bipartite_merge_out_tokens).
+//! T' as a dimension expression. This is the formula of staticprune_bipartite_merge_out_tokens (the plugin
+//! contract, common/staticprunePluginContract.cpp) written with IExprBuilder; keep the two identical.
+//! getOutputShapes checks them against each other whenever T is a build-time constant.
 IDimensionExpr const* outTokensExpr(IExprBuilder& eb, IDimensionExpr const& tokens, BipartiteMergeParams const& p)
 {
     IDimensionExpr const* zero = eb.constant(0);
@@ -77,12 +82,17 @@ int32_t BipartiteMergeParams::flags() const noexcept
         | (keptByScore ? STATICPRUNE_MERGE_KEPT_BY_SCORE : 0);
 }
 
+int32_t BipartiteMergeParams::nbInputs() const noexcept
+{
+    return thresholdInput ? 5 : 4;
+}
+
 std::string BipartiteMergeParams::describe() const
 {
     std::ostringstream s;
     s << kBIPARTITE_MERGE_NAME << " r=" << r << " threshold=" << threshold << " capacity=" << capacity
       << " num_prefix=" << numPrefix << " inclusive=" << inclusive << " absolute_parity=" << absoluteParity
-      << " kept_by_score=" << keptByScore;
+      << " kept_by_score=" << keptByScore << " threshold_input=" << thresholdInput;
     return s.str();
 }
 
@@ -138,49 +148,67 @@ int32_t BipartiteMergePlugin::getNbOutputs() const noexcept
     return kNbOutputs;
 }
 
-bool BipartiteMergePlugin::checkRanks(int32_t const* inputRanks, int32_t nbInputs, int32_t nbOutputs) const noexcept
+bool BipartiteMergePlugin::contractShapes(int32_t nbInputs, int32_t const* ranks, int64_t const* dims,
+    int32_t nbOutputs, int32_t* outRanks, int64_t* outDims) const noexcept
 {
-    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs)
+    if (nbOutputs != kNbOutputs)
     {
-        logError(mDescription + ": expects 4 inputs (x, metric, size, owner) and 4 outputs");
+        logError(mDescription + ": expects 4 outputs (x', size', owner', overflow)");
         return false;
     }
-    if (inputRanks[kX] != 3 || inputRanks[kMETRIC] != 3 || inputRanks[kSIZE] != 2 || inputRanks[kOWNER] != 2)
+    char message[256];
+    if (staticprune_bipartite_merge_output_shapes(nbInputs, ranks, dims, mParams.r, mParams.capacity,
+            mParams.numPrefix, mParams.thresholdInput, outRanks, outDims, message, sizeof(message))
+        != STATICPRUNE_SUCCESS)
     {
-        logError(mDescription + ": expects x (B,T,D), metric (B,T,C), size (B,T), owner (B,N0)");
+        logError(mDescription + ": " + message);
         return false;
     }
     return true;
 }
 
+namespace
+{
+
+//! Ranks and extents of up to kMaxInputs tensors in the contract's layout (-1: unknown or out of range).
+struct ContractDims
+{
+    int32_t ranks[kMaxInputs] = {};
+    int64_t dims[kMaxInputs * kMaxRank] = {};
+    int32_t outRanks[kNbOutputs] = {};
+    int64_t outDims[kNbOutputs * kMaxRank] = {};
+
+    bool set(int32_t i, Dims const& d)
+    {
+        if (i >= kMaxInputs || d.nbDims > kMaxRank)
+        {
+            return false;
+        }
+        ranks[i] = d.nbDims;
+        for (int32_t k = 0; k < d.nbDims; ++k)
+        {
+            dims[i * kMaxRank + k] = d.d[k] < 0 ? -1 : d.d[k];
+        }
+        return true;
+    }
+};
+
+} // namespace
+
 int32_t BipartiteMergePlugin::configurePlugin(
     DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
 {
-    int32_t ranks[kNbInputs] = {};
-    for (int32_t i = 0; i < nbInputs && i < kNbInputs; ++i)
+    ContractDims c;
+    for (int32_t i = 0; i < nbInputs; ++i)
     {
-        ranks[i] = in[i].desc.dims.nbDims;
+        if (!c.set(i, in[i].desc.dims))
+        {
+            logError(mDescription + ": too many inputs or dimensions");
+            return -1;
+        }
     }
-    if (!checkRanks(ranks, nbInputs, nbOutputs) || out == nullptr)
+    if (out == nullptr || !contractShapes(nbInputs, c.ranks, c.dims, nbOutputs, c.outRanks, c.outDims))
     {
-        return -1;
-    }
-    // Static extents must agree (-1 marks a runtime dimension).
-    auto agree = [](int64_t a, int64_t b) { return a < 0 || b < 0 || a == b; };
-    Dims const& x = in[kX].desc.dims;
-    Dims const& metric = in[kMETRIC].desc.dims;
-    Dims const& size = in[kSIZE].desc.dims;
-    Dims const& owner = in[kOWNER].desc.dims;
-    bool const ok = agree(x.d[0], metric.d[0]) && agree(x.d[0], size.d[0]) && agree(x.d[0], owner.d[0])
-        && agree(x.d[1], metric.d[1]) && agree(x.d[1], size.d[1]);
-    if (!ok)
-    {
-        logError(mDescription + ": batch and token extents of x, metric, size and owner differ");
-        return -1;
-    }
-    if (x.d[1] >= 0 && x.d[1] < mParams.numPrefix)
-    {
-        logError(mDescription + ": num_prefix exceeds the token count");
         return -1;
     }
     return 0;
@@ -189,9 +217,9 @@ int32_t BipartiteMergePlugin::configurePlugin(
 int32_t BipartiteMergePlugin::getOutputDataTypes(
     DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept
 {
-    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs)
+    if (nbInputs != mParams.nbInputs() || nbOutputs != kNbOutputs)
     {
-        logError(mDescription + ": expects 4 inputs and 4 outputs");
+        logError(mDescription + ": expects " + std::to_string(mParams.nbInputs()) + " inputs and 4 outputs");
         return -1;
     }
     outputTypes[kX_OUT] = isFeatureType(inputTypes[kX]) ? inputTypes[kX] : DataType::kFLOAT;
@@ -207,23 +235,34 @@ int32_t BipartiteMergePlugin::getOutputShapes(DimsExprs const* inputs, int32_t n
 {
     try
     {
-        int32_t ranks[kNbInputs] = {};
-        for (int32_t i = 0; i < nbInputs && i < kNbInputs; ++i)
+        // The contract validates ranks and the build-time constant extents, and gives the constant output shapes.
+        ContractDims c;
+        for (int32_t i = 0; i < nbInputs; ++i)
         {
-            ranks[i] = inputs[i].nbDims;
+            if (i >= kMaxInputs || inputs[i].nbDims > kMaxRank)
+            {
+                logError(mDescription + ": too many inputs or dimensions");
+                return -1;
+            }
+            c.ranks[i] = inputs[i].nbDims;
+            for (int32_t k = 0; k < inputs[i].nbDims; ++k)
+            {
+                IDimensionExpr const* e = inputs[i].d[k];
+                c.dims[i * kMaxRank + k] = e->isConstant() ? e->getConstantValue() : -1;
+            }
         }
-        if (!checkRanks(ranks, nbInputs, nbOutputs))
+        if (!contractShapes(nbInputs, c.ranks, c.dims, nbOutputs, c.outRanks, c.outDims))
         {
             return -1;
         }
         IDimensionExpr const* batch = inputs[kX].d[0];
         IDimensionExpr const* tokens = inputs[kX].d[1];
-        if (tokens->isConstant() && tokens->getConstantValue() < mParams.numPrefix)
+        IDimensionExpr const* tOut = outTokensExpr(exprBuilder, *tokens, mParams);
+        if (tOut->isConstant() && tOut->getConstantValue() != c.outDims[kX_OUT * kMaxRank + 1])
         {
-            logError(mDescription + ": num_prefix exceeds the token count");
+            logError(mDescription + ": T' expression and staticprune_bipartite_merge_out_tokens disagree");
             return -1;
         }
-        IDimensionExpr const* tOut = outTokensExpr(exprBuilder, *tokens, mParams);
         outputs[kX_OUT].nbDims = 3;
         outputs[kX_OUT].d[0] = batch;
         outputs[kX_OUT].d[1] = tOut;
@@ -246,7 +285,7 @@ int32_t BipartiteMergePlugin::getOutputShapes(DimsExprs const* inputs, int32_t n
 bool BipartiteMergePlugin::supportsFormatCombination(
     int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
 {
-    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs || pos < 0 || pos >= kNbInputs + kNbOutputs)
+    if (nbInputs != mParams.nbInputs() || nbOutputs != kNbOutputs || pos < 0 || pos >= nbInputs + kNbOutputs)
     {
         return false;
     }
@@ -255,16 +294,24 @@ bool BipartiteMergePlugin::supportsFormatCombination(
     {
         return false;
     }
+    if (pos >= nbInputs)
+    {
+        switch (pos - nbInputs)
+        {
+        case kX_OUT: return desc.type == inOut[kX].desc.type;
+        case kSIZE_OUT: return desc.type == DataType::kFLOAT;
+        case kOWNER_OUT:
+        case kOVERFLOW: return desc.type == DataType::kINT32;
+        default: return false;
+        }
+    }
     switch (pos)
     {
     case kX:
     case kMETRIC: return isFeatureType(desc.type);
-    case kSIZE: return desc.type == DataType::kFLOAT;
+    case kSIZE:
+    case kTHRESHOLD: return desc.type == DataType::kFLOAT;
     case kOWNER: return desc.type == DataType::kINT32;
-    case kNbInputs + kX_OUT: return desc.type == inOut[kX].desc.type;
-    case kNbInputs + kSIZE_OUT: return desc.type == DataType::kFLOAT;
-    case kNbInputs + kOWNER_OUT:
-    case kNbInputs + kOVERFLOW: return desc.type == DataType::kINT32;
     default: return false;
     }
 }
@@ -272,7 +319,7 @@ bool BipartiteMergePlugin::supportsFormatCombination(
 size_t BipartiteMergePlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
     DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept
 {
-    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs)
+    if (nbInputs != mParams.nbInputs() || nbOutputs != kNbOutputs)
     {
         return 0;
     }
@@ -300,22 +347,31 @@ char const* BipartiteMergePlugin::getMetadataString() noexcept
 int32_t BipartiteMergePlugin::onShapeChange(
     PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept
 {
-    int32_t ranks[kNbInputs] = {};
-    for (int32_t i = 0; i < nbInputs && i < kNbInputs; ++i)
+    ContractDims c;
+    for (int32_t i = 0; i < nbInputs; ++i)
     {
-        ranks[i] = in[i].dims.nbDims;
+        if (!c.set(i, in[i].dims))
+        {
+            logError(mDescription + ": too many inputs or dimensions");
+            return -1;
+        }
     }
-    if (!checkRanks(ranks, nbInputs, nbOutputs) || out == nullptr)
+    if (out == nullptr || !contractShapes(nbInputs, c.ranks, c.dims, nbOutputs, c.outRanks, c.outDims))
     {
         return -1;
     }
-    int32_t const tokens = toInt32(in[kX].dims.d[1]);
-    int32_t const expected = staticprune_bipartite_merge_out_tokens(tokens, mParams.numPrefix, mParams.r,
-        mParams.capacity);
-    if (expected < 0 || out[kX_OUT].dims.d[1] != expected)
+    for (int32_t o = 0; o < kNbOutputs; ++o)
     {
-        logError(mDescription + ": output token count does not match the attributes");
-        return -1;
+        bool same = out[o].dims.nbDims == c.outRanks[o];
+        for (int32_t k = 0; same && k < c.outRanks[o]; ++k)
+        {
+            same = out[o].dims.d[k] == c.outDims[o * kMaxRank + k];
+        }
+        if (!same)
+        {
+            logError(mDescription + ": output " + std::to_string(o) + " does not have the contract's shape");
+            return -1;
+        }
     }
     return 0;
 }
@@ -336,12 +392,13 @@ int32_t BipartiteMergePlugin::enqueue(PluginTensorDesc const* inputDesc, PluginT
         return -1;
     }
     size_t const workspaceSize = staticprune_bipartite_merge_workspace_size(batch, tokens, mParams.numPrefix, tOut);
-    int32_t const status = staticprune_bipartite_merge(inputs[kX], kernelDtype(inputDesc[kX].type), inputs[kMETRIC],
-        kernelDtype(inputDesc[kMETRIC].type), static_cast<float const*>(inputs[kSIZE]),
+    float const* thresholds = mParams.thresholdInput ? static_cast<float const*>(inputs[kTHRESHOLD]) : nullptr;
+    int32_t const status = staticprune_bipartite_merge_thresholds(inputs[kX], kernelDtype(inputDesc[kX].type),
+        inputs[kMETRIC], kernelDtype(inputDesc[kMETRIC].type), static_cast<float const*>(inputs[kSIZE]),
         static_cast<int32_t const*>(inputs[kOWNER]), outputs[kX_OUT], static_cast<float*>(outputs[kSIZE_OUT]),
         static_cast<int32_t*>(outputs[kOWNER_OUT]), static_cast<int32_t*>(outputs[kOVERFLOW]), batch, tokens, dim,
-        metricDim, numOrig, mParams.numPrefix, mParams.r, mParams.threshold, mParams.flags(), tOut, workspace,
-        workspaceSize, reinterpret_cast<staticprune_stream_t>(stream));
+        metricDim, numOrig, mParams.numPrefix, mParams.r, mParams.threshold, thresholds, mParams.flags(), tOut,
+        workspace, workspaceSize, reinterpret_cast<staticprune_stream_t>(stream));
     if (status != STATICPRUNE_SUCCESS)
     {
         logError(mDescription + ": kernel launch failed with status " + std::to_string(status));
@@ -366,6 +423,7 @@ PluginFieldCollection const* BipartiteMergePlugin::getFieldsToSerialize() noexce
         mFieldsToSerialize.emplace_back("inclusive", &mParams.inclusive, PluginFieldType::kINT32, 1);
         mFieldsToSerialize.emplace_back("absolute_parity", &mParams.absoluteParity, PluginFieldType::kINT32, 1);
         mFieldsToSerialize.emplace_back("kept_by_score", &mParams.keptByScore, PluginFieldType::kINT32, 1);
+        mFieldsToSerialize.emplace_back("threshold_input", &mParams.thresholdInput, PluginFieldType::kINT32, 1);
         mFieldCollection.nbFields = static_cast<int32_t>(mFieldsToSerialize.size());
         mFieldCollection.fields = mFieldsToSerialize.data();
         return &mFieldCollection;
@@ -388,6 +446,7 @@ BipartiteMergePluginCreator::BipartiteMergePluginCreator()
     mFieldNames.add("inclusive", PluginFieldType::kINT32);
     mFieldNames.add("absolute_parity", PluginFieldType::kINT32);
     mFieldNames.add("kept_by_score", PluginFieldType::kINT32);
+    mFieldNames.add("threshold_input", PluginFieldType::kINT32);
 }
 
 char const* BipartiteMergePluginCreator::getPluginName() const noexcept
@@ -453,6 +512,10 @@ bool BipartiteMergePluginCreator::parseFields(PluginFieldCollection const* fc, B
         {
             ok = readInt(field, params.keptByScore, name);
         }
+        else if (std::strcmp(field.name, "threshold_input") == 0)
+        {
+            ok = readInt(field, params.thresholdInput, name);
+        }
         else
         {
             logWarning(std::string(name) + ": ignoring unknown attribute '" + field.name + "'");
@@ -462,30 +525,19 @@ bool BipartiteMergePluginCreator::parseFields(PluginFieldCollection const* fc, B
             return false;
         }
     }
-    std::string const where = params.describe();
-    if (params.numPrefix < 0)
-    {
-        logError(where + ": num_prefix must be >= 0");
-        return false;
-    }
-    auto isFlag = [](int32_t v) { return v == 0 || v == 1; };
-    if (!isFlag(params.inclusive) || !isFlag(params.absoluteParity) || !isFlag(params.keptByScore))
-    {
-        logError(where + ": inclusive, absolute_parity and kept_by_score are 0 or 1");
-        return false;
-    }
     if (!hasR)
     {
         params.r = -1;
     }
-    if (params.r >= 0 && params.capacity > 0)
+    // The accepted combinations are the plugin contract's (common/staticprunePluginContract.h), which the exporter's
+    // checker applies to ONNX graphs too.
+    char message[256];
+    if (staticprune_bipartite_merge_check_fields(hasR ? 1 : 0, params.r, hasThreshold ? 1 : 0, params.threshold,
+            params.capacity, params.numPrefix, params.inclusive, params.absoluteParity, params.keptByScore,
+            params.thresholdInput, message, sizeof(message))
+        != STATICPRUNE_SUCCESS)
     {
-        logError(where + ": capacity applies to threshold mode only (set r < 0, or drop capacity)");
-        return false;
-    }
-    if (params.r < 0 && (!hasThreshold || std::isnan(params.threshold)))
-    {
-        logError(where + ": set r >= 0 (fixed-r mode) or a threshold (threshold mode)");
+        logError(params.describe() + ": " + message);
         return false;
     }
     return true;

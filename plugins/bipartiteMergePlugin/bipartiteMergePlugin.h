@@ -2,7 +2,8 @@
  * staticprune: TensorRT IPluginV3 wrapper of the bipartite soft matching + size-weighted merge kernels.
  *
  * ONNX node: op_type "StaticPruneBipartiteMerge", plugin_version "1", plugin_namespace "staticprune".
- * Inputs x (B,T,D) fp32|fp16, metric (B,T,C) fp32|fp16, size (B,T) fp32, owner (B,N0) int32.
+ * Inputs x (B,T,D) fp32|fp16, metric (B,T,C) fp32|fp16, size (B,T) fp32, owner (B,N0) int32
+ * [, threshold (B,) fp32 with threshold_input = 1].
  * Outputs x' (B,T',D) dtype of x, size' (B,T') fp32, owner' (B,N0) int32, overflow (B,) int32.
  * Semantics, attributes and limits: README.md next to this file.
  */
@@ -34,8 +35,10 @@ struct BipartiteMergeParams
     int32_t inclusive{0};                                    //!< 1: merge similarity >= threshold
     int32_t absoluteParity{0};                               //!< 1: A/B by parity of the absolute slot
     int32_t keptByScore{0};                                  //!< 1: unmerged A tokens in selection order
+    int32_t thresholdInput{0};                               //!< 1: threshold mode, per-image threshold is input 4
 
     int32_t flags() const noexcept;
+    int32_t nbInputs() const noexcept; //!< 4, or 5 with the threshold input
     std::string describe() const;
 };
 
@@ -82,7 +85,9 @@ public:
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
 private:
-    bool checkRanks(int32_t const* inputRanks, int32_t nbInputs, int32_t nbOutputs) const noexcept;
+    //! The contract's input rules and output shapes (staticprune_bipartite_merge_output_shapes); logs on failure.
+    bool contractShapes(int32_t nbInputs, int32_t const* ranks, int64_t const* dims, int32_t nbOutputs,
+        int32_t* outRanks, int64_t* outDims) const noexcept;
 
     BipartiteMergeParams mParams;
     std::string mDescription;

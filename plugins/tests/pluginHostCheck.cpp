@@ -253,7 +253,7 @@ void checkMergeCreator()
     check(std::strcmp(creator.getPluginNamespace(), "staticprune") == 0, "merge: namespace");
     PluginFieldCollection const* names = creator.getFieldNames();
     std::vector<std::string> expected{"r", "threshold", "capacity", "num_prefix", "inclusive", "absolute_parity",
-        "kept_by_score"};
+        "kept_by_score", "threshold_input"};
     check(names != nullptr && names->nbFields == static_cast<int32_t>(expected.size()), "merge: field count");
     for (size_t k = 0; names != nullptr && k < expected.size() && k < static_cast<size_t>(names->nbFields); ++k)
     {
@@ -276,8 +276,49 @@ void checkMergeCreator()
     wrongType.fields.emplace_back("r", &wrongType.floats.back(), PluginFieldType::kFLOAT32, 1);
     bad.reset(create<IPluginV3>(creator, wrongType));
     check(bad == nullptr, "merge: a float r is refused");
+    bad.reset(create<IPluginV3>(creator, Fields().i("r", 4).i("threshold_input", 1)));
+    check(bad == nullptr, "merge: r with threshold_input is refused");
     std::unique_ptr<IPluginV3> ok(create<IPluginV3>(creator, Fields().i("r", 4).i("plugin_extra", 1)));
     check(ok != nullptr, "merge: unknown attributes are ignored (with a warning)");
+    ok.reset(create<IPluginV3>(creator, Fields().i("r", 4).i("capacity", 0).f("threshold", 0.9f)));
+    check(ok != nullptr, "merge: r with capacity = 0 and an unused threshold is accepted");
+    ok.reset(create<IPluginV3>(creator, Fields().i("r", -1).i("threshold_input", 1).i("capacity", 10)));
+    check(ok != nullptr, "merge: threshold_input without a threshold attribute is accepted");
+}
+
+void checkMergeThresholdInput()
+{
+    BipartiteMergePluginCreator creator;
+    std::unique_ptr<BipartiteMergePlugin> plugin(create<BipartiteMergePlugin>(
+        creator, Fields().i("r", -1).i("threshold_input", 1).i("capacity", 300).i("num_prefix", 1)));
+    check(plugin != nullptr, "merge threshold input: createPlugin");
+    if (!plugin)
+    {
+        return;
+    }
+    Builder eb;
+    DimsExprs in[5] = {exprs(eb, {2, 513, 768}), exprs(eb, {2, 513, 768}), exprs(eb, {2, 513}),
+        exprs(eb, {2, 512}), exprs(eb, {2})};
+    DimsExprs out[4] = {};
+    check(plugin->getOutputShapes(in, 5, nullptr, 0, out, 4, eb) == 0 && value(out[0].d[1]) == 300,
+        "merge threshold input: getOutputShapes with 5 inputs");
+    check(plugin->getOutputShapes(in, 4, nullptr, 0, out, 4, eb) != 0,
+        "merge threshold input: 4 inputs are refused");
+    DimsExprs wrongBatch[5] = {in[0], in[1], in[2], in[3], exprs(eb, {3})};
+    check(plugin->getOutputShapes(wrongBatch, 5, nullptr, 0, out, 4, eb) != 0,
+        "merge threshold input: a threshold of another batch is refused");
+    DynamicPluginTensorDesc io[9];
+    for (auto& d : io)
+    {
+        d = desc(DataType::kFLOAT, {1});
+    }
+    io[3] = desc(DataType::kINT32, {1});
+    check(plugin->supportsFormatCombination(4, io, 5, 4), "merge threshold input: threshold is FP32");
+    io[4] = desc(DataType::kHALF, {1});
+    check(!plugin->supportsFormatCombination(4, io, 5, 4), "merge threshold input: an FP16 threshold is refused");
+    io[5] = desc(DataType::kFLOAT, {1});
+    check(plugin->supportsFormatCombination(5, io, 5, 4), "merge threshold input: x' follows x");
+    checkRoundTrip(plugin.get(), creator, "merge threshold input");
 }
 
 void checkMergeShapes(Fields const& fields, int64_t tokens, int64_t prefix, int64_t expectedOut, std::string const& what)
@@ -473,6 +514,7 @@ void checkDynamicEntry()
 int main()
 {
     checkMergeCreator();
+    checkMergeThresholdInput();
     // Fixed r: T' = T - min(r, floor((T - P) / 2)).
     checkMergeShapes(Fields().i("r", 512).i("num_prefix", 1), 4097, 1, 3585, "merge r=512");
     checkMergeShapes(Fields().i("r", 5000).i("num_prefix", 1), 4097, 1, 2049, "merge r clamped");

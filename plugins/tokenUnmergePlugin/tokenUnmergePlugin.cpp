@@ -3,6 +3,7 @@
  */
 #include "tokenUnmergePlugin.h"
 
+#include "staticprunePluginContract.h"
 #include "tokenUnmergeKernels.h"
 
 #include <cstring>
@@ -27,10 +28,35 @@ enum Input : int32_t
     kOWNER = 1
 };
 
+constexpr int32_t kMaxRank = STATICPRUNE_CONTRACT_MAX_RANK;
+
 bool isFeatureType(DataType type)
 {
     return type == DataType::kFLOAT || type == DataType::kHALF;
 }
+
+//! x and owner in the contract's layout (-1: unknown extent).
+struct ContractDims
+{
+    int32_t ranks[kNbInputs] = {};
+    int64_t dims[kNbInputs * kMaxRank] = {};
+    int32_t outRank = 0;
+    int64_t outDims[kMaxRank] = {};
+
+    bool set(int32_t i, int32_t nbDims, int64_t const* d)
+    {
+        if (i >= kNbInputs || nbDims > kMaxRank)
+        {
+            return false;
+        }
+        ranks[i] = nbDims;
+        for (int32_t k = 0; k < nbDims; ++k)
+        {
+            dims[i * kMaxRank + k] = d[k] < 0 ? -1 : d[k];
+        }
+        return true;
+    }
+};
 
 } // namespace
 
@@ -93,26 +119,20 @@ int32_t TokenUnmergePlugin::getNbOutputs() const noexcept
     return kNbOutputs;
 }
 
-bool TokenUnmergePlugin::checkIO(int32_t nbInputs, int32_t nbOutputs, int32_t xRank, int32_t ownerRank) const noexcept
+bool TokenUnmergePlugin::contractShape(int32_t nbInputs, int32_t nbOutputs, int32_t const* ranks,
+    int64_t const* dims, int32_t& outRank, int64_t* outDims) const noexcept
 {
-    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs)
+    if (nbOutputs != kNbOutputs)
     {
-        logError(mDescription + ": expects 2 inputs (x, owner) and 1 output");
+        logError(mDescription + ": expects 1 output");
         return false;
     }
-    if (xRank != 3 || ownerRank != 2)
+    char message[256];
+    if (staticprune_token_unmerge_output_shapes(nbInputs, ranks, dims, mParams.toFeatureMap, mParams.gridH,
+            mParams.gridW, &outRank, outDims, message, sizeof(message))
+        != STATICPRUNE_SUCCESS)
     {
-        logError(mDescription + ": expects x (B,T,D) and owner (B,N0)");
-        return false;
-    }
-    return true;
-}
-
-bool TokenUnmergePlugin::checkGrid(int64_t numOrig) const noexcept
-{
-    if (mParams.toFeatureMap && numOrig >= 0 && numOrig != static_cast<int64_t>(mParams.gridH) * mParams.gridW)
-    {
-        logError(mDescription + ": owner has " + std::to_string(numOrig) + " tokens, not grid_h * grid_w");
+        logError(mDescription + ": " + message);
         return false;
     }
     return true;
@@ -121,19 +141,16 @@ bool TokenUnmergePlugin::checkGrid(int64_t numOrig) const noexcept
 int32_t TokenUnmergePlugin::configurePlugin(
     DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
 {
-    if (nbInputs != kNbInputs
-        || !checkIO(nbInputs, nbOutputs, in[kX].desc.dims.nbDims, in[kOWNER].desc.dims.nbDims))
+    ContractDims c;
+    for (int32_t i = 0; i < nbInputs; ++i)
     {
-        return -1;
+        if (!c.set(i, in[i].desc.dims.nbDims, in[i].desc.dims.d))
+        {
+            logError(mDescription + ": expects 2 inputs (x, owner)");
+            return -1;
+        }
     }
-    Dims const& x = in[kX].desc.dims;
-    Dims const& owner = in[kOWNER].desc.dims;
-    if (x.d[0] >= 0 && owner.d[0] >= 0 && x.d[0] != owner.d[0])
-    {
-        logError(mDescription + ": x and owner have different batch sizes");
-        return -1;
-    }
-    return checkGrid(owner.d[1]) ? 0 : -1;
+    return contractShape(nbInputs, nbOutputs, c.ranks, c.dims, c.outRank, c.outDims) ? 0 : -1;
 }
 
 int32_t TokenUnmergePlugin::getOutputDataTypes(
@@ -152,15 +169,28 @@ int32_t TokenUnmergePlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbI
     DimsExprs const* /*shapeInputs*/, int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs,
     IExprBuilder& exprBuilder) noexcept
 {
-    if (nbInputs != kNbInputs || !checkIO(nbInputs, nbOutputs, inputs[kX].nbDims, inputs[kOWNER].nbDims))
+    // The contract validates ranks and build-time constant extents; the expressions below follow its output shape
+    // (staticprune_token_unmerge_output_shapes).
+    ContractDims c;
+    for (int32_t i = 0; i < nbInputs; ++i)
+    {
+        if (i >= kNbInputs || inputs[i].nbDims > kMaxRank)
+        {
+            logError(mDescription + ": expects 2 inputs (x, owner)");
+            return -1;
+        }
+        int64_t known[kMaxRank] = {};
+        for (int32_t k = 0; k < inputs[i].nbDims; ++k)
+        {
+            known[k] = inputs[i].d[k]->isConstant() ? inputs[i].d[k]->getConstantValue() : -1;
+        }
+        c.set(i, inputs[i].nbDims, known);
+    }
+    if (!contractShape(nbInputs, nbOutputs, c.ranks, c.dims, c.outRank, c.outDims))
     {
         return -1;
     }
     IDimensionExpr const* numOrig = inputs[kOWNER].d[1];
-    if (numOrig->isConstant() && !checkGrid(numOrig->getConstantValue()))
-    {
-        return -1;
-    }
     DimsExprs& y = outputs[0];
     if (mParams.toFeatureMap)
     {
@@ -218,13 +248,32 @@ char const* TokenUnmergePlugin::getMetadataString() noexcept
 }
 
 int32_t TokenUnmergePlugin::onShapeChange(
-    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
+    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept
 {
-    if (nbInputs != kNbInputs || !checkIO(nbInputs, nbOutputs, in[kX].dims.nbDims, in[kOWNER].dims.nbDims))
+    ContractDims c;
+    for (int32_t i = 0; i < nbInputs; ++i)
+    {
+        if (!c.set(i, in[i].dims.nbDims, in[i].dims.d))
+        {
+            logError(mDescription + ": expects 2 inputs (x, owner)");
+            return -1;
+        }
+    }
+    if (!contractShape(nbInputs, nbOutputs, c.ranks, c.dims, c.outRank, c.outDims))
     {
         return -1;
     }
-    return checkGrid(in[kOWNER].dims.d[1]) ? 0 : -1;
+    bool same = out != nullptr && out[0].dims.nbDims == c.outRank;
+    for (int32_t k = 0; same && k < c.outRank; ++k)
+    {
+        same = out[0].dims.d[k] == c.outDims[k];
+    }
+    if (!same)
+    {
+        logError(mDescription + ": the output does not have the contract's shape");
+        return -1;
+    }
+    return 0;
 }
 
 int32_t TokenUnmergePlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
@@ -337,14 +386,13 @@ bool TokenUnmergePluginCreator::parseFields(PluginFieldCollection const* fc, Tok
             return false;
         }
     }
-    if (params.toFeatureMap != 0 && params.toFeatureMap != 1)
+    // The plugin contract's field rules (common/staticprunePluginContract.h), shared with the exporter's checker.
+    char message[256];
+    if (staticprune_token_unmerge_check_fields(params.toFeatureMap, params.gridH, params.gridW, message,
+            sizeof(message))
+        != STATICPRUNE_SUCCESS)
     {
-        logError(params.describe() + ": to_feature_map is 0 or 1");
-        return false;
-    }
-    if (params.toFeatureMap == 1 && (params.gridH < 1 || params.gridW < 1))
-    {
-        logError(params.describe() + ": to_feature_map = 1 needs grid_h >= 1 and grid_w >= 1");
+        logError(params.describe() + ": " + message);
         return false;
     }
     return true;

@@ -76,8 +76,10 @@ public:
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
 private:
-    bool checkIO(int32_t nbInputs, int32_t nbOutputs, int32_t xRank, int32_t ownerRank) const noexcept;
-    bool checkGrid(int64_t numOrig) const noexcept;
+    //! The contract's input rules and output shape (staticprune_token_unmerge_output_shapes) for x and owner
+    //! extents (-1: unknown); logs on failure. outDims has STATICPRUNE_CONTRACT_MAX_RANK entries.
+    bool contractShape(int32_t nbInputs, int32_t nbOutputs, int32_t const* ranks, int64_t const* dims,
+        int32_t& outRank, int64_t* outDims) const noexcept;
 
     TokenUnmergeParams mParams;
     std::string mDescription;

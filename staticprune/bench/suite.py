@@ -1,6 +1,6 @@
 """The benchmark suite: does latency follow the token count?
 
-For each method, at each size, on the model the seeds pair it with, it measures the unreduced model, the eager
+For each method, at each size, on the model the papers pair it with, it measures the unreduced model, the eager
 reference and the static graph: kept tokens per layer, GFLOPs (fvcore convention), latency at batch 1 (min and
 median after warm-up) on every backend available, and the ratio "measured speedup / FLOP reduction" (ideal 1.0).
 It also times the reduction steps themselves (the method's hook calls) as a share of the static module's latency.
@@ -34,7 +34,7 @@ from staticprune.models import build_model
 from staticprune.reference import reference_module
 from staticprune.verify.parity import generated_inputs, ort_session
 
-# The model each method is paired with in the seeds (Segmenter mask decoder / SegViT ATM decoder).
+# The model each method is paired with in the papers (Segmenter mask decoder / SegViT ATM decoder).
 PAIRING = {
     "tome": "segmenter-vit-b-mask", "algm": "segmenter-vit-b-mask", "g2tm": "segmenter-vit-b-mask",
     "cts": "segmenter-vit-b-mask", "lvtp": "segmenter-vit-b-mask",

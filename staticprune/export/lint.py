@@ -1,11 +1,12 @@
-"""Static lint of an ONNX graph against one TensorRT deployment target (see DESIGN.md section 6).
+"""Static lint of an ONNX graph against one TensorRT deployment target (rules per target: docs/foundation.md, Lint targets).
 
 ``lint_model(model, target)`` loads the model, runs ONNX shape inference and reports every construct
 the target's TensorRT ONNX parser rejects, mis-imports or silently computes wrongly.
 
-Rule ids: opset, forbidden-op, unsupported-op, plugin, plugin-name-clash, local-function, dynamic-shape,
-shape-inference, topk-k, topk-sorted, scatter-reduction, layernorm, cumsum-axis, constant-input, einsum,
-select-last-index, resize, dtype, int64-io.
+Rule ids: opset, forbidden-op, unsupported-op, plugin, plugin-contract, plugin-name-clash, local-function,
+dynamic-shape, shape-inference, topk-k, topk-sorted, scatter-reduction, layernorm, cumsum-axis, cumsum-loop,
+constant-input, einsum, resize, dtype, int64-io, fp16-decision. (ArgMax/ArgMin select_last_index=1 and Clip
+with tensor min/max are imported correctly by the 8.5, 8.6 and 10.x parsers, so neither is a rule.)
 """
 
 from __future__ import annotations
@@ -28,12 +29,17 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 _NON_TRT_DOMAINS = ("ai.onnx.ml", "ai.onnx.training", "ai.onnx.preview.training")
 
 _CONTROL_FLOW = "control flow: unroll loops / resolve branches in Python before export"
+_SEQUENTIAL = ("TensorRT runs it as a loop layer, one iteration after another: unroll it in Python before export, "
+               "or use a log-step formulation (staticprune.ops.scan for prefix sums)")
+# First TensorRT with a cumulative layer (INetworkDefinition::addCumulative); the ONNX parsers before it lower CumSum
+# to a Loop with one iteration per element of the summed axis.
+_CUMULATIVE_LAYER_SINCE = (10, 8)
 _DATA_DEPENDENT = "data-dependent output shape: keep token counts static"
 _NO_SEQUENCES = "sequence/optional types are not supported by TensorRT"
 _FORBIDDEN_OPS: dict[str, str] = {
-    "Loop": _CONTROL_FLOW,
+    "Loop": _SEQUENTIAL,
     "If": _CONTROL_FLOW,
-    "Scan": _CONTROL_FLOW,
+    "Scan": _SEQUENTIAL,
     "NonZero": _DATA_DEPENDENT,
     "NonMaxSuppression": _DATA_DEPENDENT,
     "Compress": _DATA_DEPENDENT,
@@ -157,7 +163,16 @@ def lint_model(model: onnx.ModelProto | str | os.PathLike, target: str) -> LintR
     _check_io_shapes(ctx, model.graph, inferred.graph)
     _check_value_info_shapes(ctx, model.graph, inferred.graph)
     _check_dtypes(ctx, model, inferred.graph)
+    _check_fp16_decisions(ctx, model)
     return LintReport(target=tgt.name, opset=opset, violations=ctx.violations)
+
+
+def _check_fp16_decisions(ctx: _Context, model: onnx.ModelProto) -> None:
+    """Mixed-precision graphs: nothing discrete (comparisons, ranks, counts, indices) may be computed in FP16."""
+    from staticprune.export.precision_check import fp16_decision_problems
+
+    for node, op, message in fp16_decision_problems(model):
+        ctx.add("fp16-decision", node, op, message)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,6 +639,7 @@ def _check_custom_op(ctx: _Context, ref: _NodeRef) -> None:
         _check_local_function_call(ctx, ref)
         return
     _check_plugin_attrs(ctx, ref)
+    _check_plugin_contract(ctx, ref)
 
 
 def _check_local_function_call(ctx: _Context, ref: _NodeRef) -> None:
@@ -645,6 +661,33 @@ def _check_plugin_attrs(ctx: _Context, ref: _NodeRef) -> None:
         message = (f"{where} version {_attr(node, 'plugin_version')!r} namespace "
                    f"{_attr(node, 'plugin_namespace')!r}: its library must be loaded before parsing")
     ctx.add("plugin", ref.path, node.op_type, message, WARNING)
+
+
+def _check_plugin_contract(ctx: _Context, ref: _NodeRef) -> None:
+    """A StaticPrune* plugin node against the plugins' own C rules (plugins/common/staticprunePluginContract.h):
+    attributes the creator would reject, or output shapes that differ from what the graph declares (what the
+    consumers were built for), are errors, because TensorRT would refuse the node or build another network."""
+    from staticprune.export.plugin_contract import ContractUnavailable, check_node, is_plugin_node, type_shape
+
+    node = ref.node
+    if not is_plugin_node(node):
+        return
+
+    def shape_of(name: str) -> tuple[int, ...] | None:
+        tp = ctx.types.get(name)
+        shape = type_shape(tp) if tp is not None else None
+        if shape is None and _resolve_alias(ctx, name) in ctx.consts:
+            shape = tuple(int(d) for d in ctx.consts[_resolve_alias(ctx, name)].dims)
+        return shape
+
+    try:
+        problems = check_node(node, shape_of)
+    except ContractUnavailable as exc:
+        if not any(v.rule == "plugin-contract" for v in ctx.violations):
+            ctx.add("plugin-contract", ref.path, node.op_type, f"plugin contract not checked: {exc}", WARNING)
+        return
+    for problem in problems:
+        ctx.add("plugin-contract", ref.path, node.op_type, f"TensorRT plugin '{node.op_type}': {problem}")
 
 
 def _check_constant_inputs(ctx: _Context, ref: _NodeRef) -> None:
@@ -741,6 +784,21 @@ def _check_cumsum(ctx: _Context, ref: _NodeRef) -> None:
     if not _is_const(ctx, name):
         ctx.add("cumsum-axis", ref.path, "CumSum", f"CumSum axis ({name or 'missing'}) must be an initializer "
                 "or Constant")
+    tgt = ctx.target
+    if _version_tuple(tgt.trt_version) >= _CUMULATIVE_LAYER_SINCE:
+        return
+    value = _const_value(ctx, name)
+    axis = int(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+    length = None if axis is None else _static_dim(ctx, _input(ref.node, 0), axis)
+    where = "an unknown axis" if axis is None else f"axis {axis}"
+    trips = "one iteration per element" if length is None else f"trip count {length}"
+    ctx.add("cumsum-loop", ref.path, "CumSum", f"CumSum along {where} becomes a sequential Loop ({trips}) in the "
+            f"TensorRT {tgt.trt_version} ONNX parser (a cumulative layer exists only from TensorRT 10.8): use the "
+            "INT32 log-step scan of staticprune.ops.scan (Slice/Concat/Add)")
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
 def _check_einsum(ctx: _Context, ref: _NodeRef) -> None:
@@ -758,12 +816,6 @@ def _check_einsum(ctx: _Context, ref: _NodeRef) -> None:
     else:
         ctx.add("einsum", ref.path, "Einsum", f"TensorRT {version} Einsum does not broadcast between inputs and "
                 "has no ellipsis/diagonal support; prefer MatMul/Transpose", WARNING)
-
-
-def _check_arg_reduce(ctx: _Context, ref: _NodeRef) -> None:
-    if _attr(ref.node, "select_last_index", 0) == 1:
-        ctx.add("select-last-index", ref.path, ref.node.op_type, "select_last_index=1 is not honoured by the "
-                "TensorRT parser (ties resolve to the first index)")
 
 
 def _check_resize(ctx: _Context, ref: _NodeRef) -> None:
@@ -790,7 +842,5 @@ _NODE_CHECKS: dict[str, Callable[[_Context, _NodeRef], None]] = {
     "LayerNormalization": _check_layernorm,
     "CumSum": _check_cumsum,
     "Einsum": _check_einsum,
-    "ArgMax": _check_arg_reduce,
-    "ArgMin": _check_arg_reduce,
     "Resize": _check_resize,
 }

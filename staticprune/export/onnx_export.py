@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from staticprune.fileio import write_bytes_atomic  # noqa: F401  (re-exported)
+from staticprune.fileio import make_temp_beside, write_bytes_atomic  # noqa: F401  (write_bytes_atomic re-exported)
 
 MIN_OPSET, MAX_OPSET = 17, 20
 
@@ -92,7 +92,12 @@ def export_to_proto(
         # The dynamo exporter has been seen to return opset 18 when 17 was asked for: never trust it.
         raise ExportError(f"asked the {exporter} exporter for opset {opset} but the graph declares opset {got}")
     if slim:
+        if plugins:  # onnxslim drops the declared shapes of outputs it renames; the plugin contract needs them
+            from staticprune.export.plugin_graph import declare_plugin_output_shapes, plugin_output_shapes
+            traced_plugin_shapes = plugin_output_shapes(proto)
         proto = slim_proto(proto)
+        if plugins:
+            declare_plugin_output_shapes(proto, traced_plugin_shapes)
         if default_opset(proto) != opset:
             raise ExportError(f"onnxslim changed the opset from {opset} to {default_opset(proto)}")
     onnx.checker.check_model(proto, full_check=False)
@@ -180,8 +185,7 @@ def pin_output_shapes(proto: onnx.ModelProto) -> int:
 def save_atomic(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write next to the target then rename, so a failure never leaves a half-written model."""
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    fd, tmp = make_temp_beside(dest)  # mode 0666 & ~umask, as an ordinary file (mkstemp alone gives 0600)
     os.close(fd)
     try:
         large = proto.ByteSize() > 1_900_000_000

@@ -6,7 +6,7 @@ onnx-tensorrt CHANGELOG entries for 10.2 and 10.3 add no operator (10.3 only add
 Slice and moves ScatterElements-with-reduction to an updated plugin). For every one of those branches
 the "Y" rows are exactly the default-domain op importers registered in the parser source.
 Other facts (opset ranges, TopK, ScatterElements, LayerNormalization) are summarised in
-shared/reference/tensorrt.md sections 0, 1.2 and 2.1.
+docs/foundation.md (Lint targets) and in the rules of staticprune/export/lint.py.
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ _REDUCE_OPS = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "Reduc
                "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare")
 
 # Inputs the parser reads as weights (initializer or Constant), by op: {input index: input name}.
-# TopK's K and CumSum's axis have their own lint rules and are not repeated here.
+# TopK's K and CumSum's axis have their own lint rules and are not repeated here. Clip is not listed: with tensor
+# (non-initializer) min/max the importers of 8.5, 8.6 and 10.x take an elementwise path.
 _CONSTANT_INPUTS_COMMON: dict[str, dict[int, str]] = {
     "Squeeze": {1: "axes"},        # "`axes` must be an initializer" (all three tables)
     "Unsqueeze": {1: "axes"},      # "`axes` must be a constant tensor" (all three tables)
-    "Clip": {1: "min", 2: "max"},  # importer: "Clip min/max value must be an initializer!"
     "Dropout": {2: "training_mode"},
     **{op: {1: "axes"} for op in _REDUCE_OPS},  # importer: "Axis input must be an initializer!"
 }

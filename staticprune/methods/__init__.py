@@ -1,6 +1,6 @@
 """Static (exportable) token-reduction methods, one module each, and their registry.
 
-Contract of a method module `methods/<name>.py` (see docs/methods.md):
+Contract of a method module `methods/<name>.py` (see docs/method-contract.md):
 
 * a config dataclass holding every option (thresholds, layers, r, capacities) with documented defaults;
 * `@register("<name>")` on a builder `(options: dict, model: SegmentationModel) -> nn.Module`; use
@@ -11,7 +11,10 @@ Contract of a method module `methods/<name>.py` (see docs/methods.md):
   with `expose_decisions=True` it also outputs `decision_<point>` (int32) and `margin_<point>` (float32,
   same shape: how far each decision is from flipping), so that verification is decision-aware;
 * `calibrated_options(kept: dict[str, list[int]], quantile: float, options: dict) -> dict`: the options with
-  capacities set from the kept-token counts the eager reference measured (used by `staticprune calibrate`).
+  capacities set from the kept-token counts the eager reference measured (used by `staticprune calibrate`);
+* optionally `inert_options(self) -> dict[str, str]` on the config: the options that have no effect with the
+  config's other values (another mode, an overriding option), each with what to do instead. Giving one of them
+  is an error (`config_from_options`), never a silent no-op.
 """
 
 from __future__ import annotations
@@ -65,9 +68,27 @@ def method_module(name: str):
     return importlib.import_module(_BUILDERS[name].__module__)
 
 
+# Methods that keep both prefix tokens of a DeiT-distilled encoder (CLS and distillation token) out of every
+# reduction, as ToMe's official code does: ToMe (its matching protects both), and G2TM and LVTP, which reduce only
+# the patch tokens after any number of prefix tokens. The others handle one prefix token (or none) and refuse.
+DISTILLATION_TOKEN_METHODS = ("g2tm", "lvtp", "tome")
+
+
 def build_static_method(name: str, options: dict[str, Any], model: nn.Module) -> nn.Module:
     method_module(name)
+    backbone = getattr(model, "backbone", None)
+    if getattr(backbone, "num_prefix", 0) > 1 and name not in DISTILLATION_TOKEN_METHODS:
+        spec_name = getattr(getattr(model, "spec", None), "name", "this model")
+        raise ValueError(
+            f"method '{name}' cannot protect the two prefix tokens (CLS and distillation token) of the DeiT-distilled "
+            f"'{spec_name}'; use --method {', '.join(DISTILLATION_TOKEN_METHODS)} or none, or a segmenter-vit-* model")
     return _BUILDERS[name](dict(options), model)
+
+
+def exact_options(name: str) -> dict[str, Any]:
+    """Options under which method `name` never overflows (every capacity holds the whole sequence): what a parity
+    check uses when it must compare every image with the eager reference."""
+    return dict(getattr(method_module(name), "EXACT_OPTIONS", {}))
 
 
 def extra_output_names(points: typing.Iterable[str], expose_decisions: bool) -> tuple[str, ...]:
@@ -103,7 +124,70 @@ def config_from_options(cls: type[T], options: dict[str, Any]) -> T:
             values[key] = _coerce(value, want)
         except (TypeError, ValueError):
             raise ValueError(f"option {key}={value!r} is not a valid {getattr(want, '__name__', want)}") from None
-    return cls(**values)
+    cfg = cls(**values)
+    given_inert = {k: why for k, why in inert_options(cfg).items() if k in options}
+    if given_inert:
+        raise ValueError("; ".join(f"option {k}={_shown(options[k])} has no effect: {why}"
+                                   for k, why in given_inert.items()))
+    return cfg
+
+
+def inert_options(cfg: Any) -> dict[str, str]:
+    """Options of a config that have no effect with its other values (name -> what to do instead)."""
+    method = getattr(cfg, "inert_options", None)
+    return dict(method()) if method is not None else {}
+
+
+def _shown(value: Any) -> str:
+    """An option value as the user would type it after --opt key=."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def method_config_class(name: str) -> type:
+    """The config dataclass of a method (the one `<Name>Config` dataclass its module defines)."""
+    module = method_module(name)
+    found = [v for v in vars(module).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
+             and v.__module__ == module.__name__ and v.__name__.endswith("Config")]
+    if len(found) != 1:
+        raise LookupError(f"method '{name}' defines {len(found)} config dataclasses, expected 1")
+    return found[0]
+
+
+def effective_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Every option of a method with its value (defaults filled in), less those without effect: what a
+    calibration file records, so that it stands on its own and reads back to the same module."""
+    cfg = config_from_options(method_config_class(name), options)
+    inert = inert_options(cfg)
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in inert:
+            continue
+        value = options[f.name] if f.name in options else getattr(cfg, f.name)  # given values as given
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def drop_inert_options(name: str, options: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Options without the ones that have no effect (for rebuilding a graph exported before they were
+    refused: the module is the same without them), and the names dropped."""
+    cls = method_config_class(name)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    hints = typing.get_type_hints(cls)
+    for key, value in options.items():
+        if key in known:
+            try:
+                values[key] = _coerce(value, hints[key])
+            except (TypeError, ValueError):
+                pass  # reported by config_from_options when the module is built
+    try:
+        inert = inert_options(cls(**values))
+    except (TypeError, ValueError):
+        return dict(options), []
+    dropped = [k for k in options if k in inert]
+    return {k: v for k, v in options.items() if k not in inert}, dropped
 
 
 def _coerce(value: Any, want: Any) -> Any:

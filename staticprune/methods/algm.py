@@ -2,7 +2,7 @@
 
 CLAP averages the k x k windows whose tokens are similar after layer 1's attention; GBM is ToMe's bipartite
 matching on the tokens of layer m with a threshold instead of r. Both counts depend on the image, so each
-point writes into a fixed capacity (DESIGN §4): within it, the graph keeps exactly the reference's tokens; beyond
+point writes into a fixed capacity (the capacity contract, docs/method-contract.md): within it, the graph keeps exactly the reference's tokens; beyond
 it, the next-best windows / edges merge too and `overflow` says by how much. Unmerge: after the Segmenter
 decoders (which then run on the reduced tokens), before SegViT's ATM head, as ALGM places it.
 See docs/methods/algm.md for every option and decision.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ from staticprune.methods.tome import (
     MergingHook,
     calibrated_quantile,
     fit_capacity,
+    identity_owner,
     match_tokens,
     record,
     resolve_capacity,
@@ -34,6 +35,7 @@ from staticprune.methods.tome import (
 from staticprune.models.token_state import TokenState
 from staticprune.ops.bipartite import Edges
 from staticprune.ops.merge import count, descending_rank, selection_margin
+from staticprune.ops.plugin_nodes import merge_node, plugins_enabled
 from staticprune.ops.window_pool import pool_windows, window_members, window_similarity
 
 # Official CLAP thresholds for ADE20K per backbone ([code:ALGM] TRAINING.md); Cityscapes ViT-S uses 0.955.
@@ -51,8 +53,10 @@ class ALGMConfig:
     gbm_metric: str = "tokens"  # similarity features of GBM: "tokens" (paper, code) or "keys" (ToMe)
     inclusive: bool = True  # merge at score >= threshold (official code); False: > (paper)
     batch_coupling: bool = False  # True: as the official code, a batch merges the smallest count of its images
-    clap_capacity: Optional[float] = None  # patch tokens after CLAP: < 1 fraction of N, >= 1 count; None = N
-    gbm_capacity: Optional[float] = None  # patch tokens after GBM, same units; None = CLAP's buffer
+    # Default capacities: the paper's average cost (Segmenter ViT-S ADE20K 512: CLAP alone 31.9, CLAP + GBM 26.3
+    # of 38.6 GFLOPs, Tables 5b and 1); exact only for images whose counts fit (`staticprune calibrate` fits them)
+    clap_capacity: Optional[float] = 0.85  # patch tokens after CLAP: < 1 fraction of N, >= 1 count; None = N
+    gbm_capacity: Optional[float] = 0.65  # patch tokens after GBM, same units; None = CLAP's buffer
     prop_attn: bool = False  # + log(size) attention; the official flag is a no-op, so off
     unmerge: str = "auto"  # "auto" | "before" | "after" the decoder (auto: after for linear/mask, before for ATM)
     expose_decisions: bool = False  # also output decision_clap/margin_clap, decision_gbm/margin_gbm
@@ -134,12 +138,15 @@ class ALGM(MergingHook):
         lowest = n0 - s * (m - 1)  # every window pooled
         cap = resolve_capacity(cfg.clap_capacity, n0, "clap_capacity")
         self.clap_patches = n0 if cap is None else max(lowest, min(cap, n0))
-        self.gbm_patches = fit_capacity(resolve_capacity(cfg.gbm_capacity, n0, "gbm_capacity"), self.clap_patches, p)
+        self.gbm_patches = fit_capacity(resolve_capacity(cfg.gbm_capacity, n0, "gbm_capacity"), self.clap_patches)
         self.decision_len = (p + n0 + 1) // 2
         self.placement = unmerge_placement(cfg.unmerge, model.spec.decoder)
         self.decoder_kind = model.spec.decoder
         points = ("clap", "gbm")
         self.extra_outputs = extra_output_names(points, cfg.expose_decisions)
+        # GBM exported as a StaticPruneBipartiteMerge node in the plugin graph, except with decision outputs or a
+        # batch-coupled count (the plugin merges each image on its own); CLAP stays standard ops
+        self.plugin_merge_points = 0 if cfg.expose_decisions or cfg.batch_coupling else 1
         backbone.proportional_attention = cfg.prop_attn
 
     def after_attention(self, layer: int, state: TokenState, keys: Tensor) -> TokenState:
@@ -151,17 +158,49 @@ class ALGM(MergingHook):
                              self.clap_patches, cfg.expose_decisions)
             state = record(step, "clap")
         if layer == self.gbm_layer - 1:
-            edges = match_tokens(state, state.x if cfg.gbm_metric == "tokens" else keys.mean(1))
+            metric = state.x if cfg.gbm_metric == "tokens" else keys.mean(1)
+            edges = match_tokens(state, metric)
             if cfg.gbm_threshold is None:
                 tau = adaptive_threshold(edges, self.gbm_layer, cfg.batch_coupling)
             else:
                 tau = torch.full((state.x.shape[0],), cfg.gbm_threshold, device=state.x.device)
             n_rule = rule_count(edges.score, edges.candidate, tau, cfg.inclusive, cfg.batch_coupling)
-            step = apply_bipartite(state, edges, n_rule, self.gbm_patches, tau,
-                                   self.decision_len if cfg.expose_decisions else None)
+
+            def gbm() -> StepResult:
+                return apply_bipartite(state, edges, n_rule, self.gbm_patches, tau,
+                                       self.decision_len if cfg.expose_decisions else None)
+
+            use_plugin = plugins_enabled() and self.plugin_merge_points
+            step = self._plugin_gbm(state, metric, tau, gbm) if use_plugin else gbm()
             state = record(step, "gbm")
         return state
 
+    def _plugin_gbm(self, state: TokenState, metric: Tensor, tau: Tensor, gbm) -> StepResult:
+        """GBM as one StaticPruneBipartiteMerge node (plugins/bipartiteMergePlugin/README.md). The adaptive
+        threshold depends on every best-edge score, so the graph computes it (standard ops) and hands it to the
+        node as its threshold input, one value per image; the node computes the edges again for the merge."""
+        valid = state.full_size() > 0
+        unit = torch.where(valid[..., None], metric, torch.ones_like(metric))  # padding rows: no NaN
+        unit = unit / unit.norm(dim=-1, keepdim=True)  # the plugin takes a normalised metric
+        p = state.num_prefix
+
+        def compute():
+            step = gbm()
+            return step.state.x, step.state.full_size(), step.state.owner, step.overflow
+
+        owner = state.owner if state.owner is not None else identity_owner(state)
+        threshold = tau if self.cfg.gbm_threshold is None else float(self.cfg.gbm_threshold)
+        x, size, owner, overflow = merge_node(
+            state.x, unit, state.full_size(), owner, compute, r=-1, threshold=threshold,
+            capacity=p + self.gbm_patches, num_prefix=p, inclusive=self.cfg.inclusive, absolute_parity=True,
+            kept_by_score=p == 0)
+        return StepResult(replace(state, x=x, size=size, owner=owner), overflow)
+
+
+
+# Options under which the static module never overflows (capacities = the whole sequence): parity checks that must
+# compare every image against the reference use them, whatever the defaults are.
+EXACT_OPTIONS: dict[str, Any] = {"clap_capacity": None, "gbm_capacity": None}
 
 
 @register("algm")

@@ -1,6 +1,6 @@
 """CTS (Content-aware Token Sharing) as a static graph: the k best-scoring 2x2 patch groups share one token.
 
-Spec: methods.md §3, architectures.md §5. Static by construction (k fixed), so no capacity and `overflow` is
+Documented in docs/methods/cts.md. Static by construction (k fixed), so no capacity and `overflow` is
 always 0. The method replaces the backbone's embedding step (the `embed` hook) and, by default, feeds the decoder
 the shared sequence and copies each token's decoder output to the patches it covers (as the official code's
 ``patches_to_images`` does).
@@ -44,14 +44,14 @@ from staticprune.ops.windows import (
 DECODE_MODES = ("tokens", "grid")
 POINT = "embed"
 
-# Named k for the settings in methods.md §3.5 / §11: (shared 2x2 groups, patch grid it is defined for).
+# Named k for the settings of the papers (docs/methods/cts.md): (shared 2x2 groups, patch grid it is defined for).
 PRESETS: dict[str, tuple[int, tuple[int, int]]] = {
     "ade20k-512": (103, (32, 32)),  # CTS repo, ViT-S: 612 + 103 tokens (30 %)
-    "coco-stuff-512": (103, (32, 32)),  # [001] Fig. 3
+    "coco-stuff-512": (103, (32, 32)),  # [STEP] Fig. 3
     "pascal-context-480": (90, (30, 30)),  # CTS repo: 540 + 90 (30 %)
     "cityscapes-768": (336, (48, 48)),  # CTS repo, ViT-S: 960 + 336 (44 %)
-    "cityscapes-768-30": (230, (48, 48)),  # [000] "fixed 30 %": round(0.3 * 2304 / 3) = 230
-    "cityscapes-1024-30": (410, (64, 64)),  # [000] "fixed 30 %": round(0.3 * 4096 / 3) = 410
+    "cityscapes-768-30": (230, (48, 48)),  # [Poreba et al.] "fixed 30 %": round(0.3 * 2304 / 3) = 230
+    "cityscapes-1024-30": (410, (64, 64)),  # [Poreba et al.] "fixed 30 %": round(0.3 * 4096 / 3) = 410
 }
 
 
@@ -62,13 +62,30 @@ class CTSConfig:
     preset: str = ""  # one of PRESETS (checked against the model's grid)
     k: int = -1  # shared 2x2 groups; -1 = not given
     tokens: int = 0  # target patch-token count N - 3k (k = ceil((N - tokens) / 3)); 0 = not given
-    reduction: float = 0.3  # fraction of patch tokens removed, 3k / N ([000]: "a fixed 30 % token merging")
+    reduction: float = 0.3  # fraction of patch tokens removed, 3k / N ([Poreba et al.]: "a fixed 30 % token merging")
     decode_on: str = "tokens"  # "tokens": decoder on the shared sequence (official); "grid": copy tokens first
     policy_weights: str = ""  # policy checkpoint (CTS policy file, Segmenter+CTS checkpoint, train-policy output)
     policy_width: float = 1.0  # width of a randomly initialised policy (ignored with policy_weights)
     policy_seed: int = 0  # seed of a randomly initialised policy
     expose_decisions: bool = False
     calibrate_k: bool = False  # calibrated_options only: set `tokens` from measured kept counts
+
+    def inert_options(self) -> dict[str, str]:
+        """k comes from the first of preset, k, tokens, reduction: the later ones given with an earlier one are
+        ignored (giving one is an error, see methods/__init__.py)."""
+        out: dict[str, str] = {}
+        source = "preset" if self.preset else "k" if self.k >= 0 else "tokens" if self.tokens > 0 else ""
+        if source:
+            later = ["k", "tokens", "reduction"][["preset", "k", "tokens"].index(source):]
+            unset = {"k": self.k < 0, "tokens": self.tokens <= 0, "reduction": False}
+            for name in later:
+                if not unset[name]:
+                    out[name] = (f"the shared-group count comes from the first given of preset, k, tokens, "
+                                 f"reduction ({source} here); give only one of them")
+        if self.policy_weights:
+            why = "policy_weights loads the policy; remove it (it only shapes a randomly initialised policy)"
+            out.update(policy_width=why, policy_seed=why)
+        return out
 
 
 def check_grid_for_policy(grid: tuple[int, int], method: str) -> None:
@@ -202,7 +219,7 @@ def _cross_attention(attn: nn.Module, query: Tensor, memory: Tensor, bias: Optio
     k = attn.k(memory).reshape(b, nk, attn.heads, hd).transpose(1, 2)
     v = attn.v(memory).reshape(b, nk, attn.heads, hd).transpose(1, 2)
     logits = (q @ k.transpose(-2, -1)) * attn.scale
-    weights = (logits if bias is None else logits + bias).softmax(-1)
+    weights = (logits if bias is None else logits + bias.to(logits.dtype)).softmax(-1)
     out = (weights @ v).transpose(1, 2).reshape(b, nq, d)
     return attn.proj(out), logits.mean(dim=1)
 
@@ -355,9 +372,21 @@ class CTS(SharingMethod):
         return assemble_state(backbone, cand, self.cand_size, self.cand_rep, keep, self.tokens, cand_of_patch, extras)
 
 
+# Options that only `staticprune calibrate` reads (it builds the module without them).
+CALIBRATE_ONLY_OPTIONS = ("calibrate_k",)
+
+
+# Options under which the static module never overflows (a fixed number of shared groups: nothing can overflow): parity checks that must
+# compare every image against the reference use them, whatever the defaults are.
+EXACT_OPTIONS: dict[str, Any] = {}
+
+
 @register("cts")
 def build(options: dict[str, Any], model: nn.Module) -> CTS:
     cfg = config_from_options(CTSConfig, options)
+    if cfg.calibrate_k:
+        raise ValueError("option calibrate_k=true has no effect here: only 'staticprune calibrate' reads it (to set "
+                         "tokens from measured counts); remove it")
     return CTS(cfg, model)
 
 

@@ -1,7 +1,7 @@
-"""dCTS (dynamic, multi-scale CTS) as a static graph with a capacity (DESIGN §4, methods.md §4).
+"""dCTS (dynamic, multi-scale CTS) as a static graph with a capacity (the capacity contract, docs/method-contract.md); see docs/methods/dcts.md.
 
 Every grid-aligned window of 2x2, 4x4, 8x8 and 16x16 patches gets a policy score S; a window becomes one
-superpatch token iff S >= tau for its size. Decisions the seeds leave open (methods.md §4.3), as decided here:
+superpatch token iff S >= tau for its size. Decisions the papers leave open, as decided here:
 
 * windows: complete, grid-aligned, non-overlapping (a quadtree); a size whose windows do not tile the grid simply
   has fewer candidates (remainder strips belong to no window of that size), and a size larger than the grid has none
@@ -41,14 +41,15 @@ from staticprune.methods.cts import (
     POINT, SharedTokenState, SharingMethod, assemble_state, check_grid_for_policy, quantile_count, window_tokens,
 )
 from staticprune.models.policy import WINDOW_SIZES, PolicyNet, build_policy, check_window_sizes
+from staticprune.ops.scan import count_true
 from staticprune.ops.windows import (
     children_index, descending_rank, expand_to_children, parent_index, patch_window_index, reduce_over_children,
     tie_order, window_grid, window_top_left,
 )
 
 THRESHOLD_PRESETS: dict[str, tuple[float, float, float, float]] = {
-    "tau-6899": (0.6, 0.8, 0.9, 0.9),  # [001] STEP configs; [000] dCTS/STEP on Cityscapes
-    "tau-4999": (0.4, 0.9, 0.9, 0.9),  # [001] STEP configs
+    "tau-6899": (0.6, 0.8, 0.9, 0.9),  # [STEP] configs; [Poreba et al.] dCTS/STEP on Cityscapes
+    "tau-4999": (0.4, 0.9, 0.9, 0.9),  # [STEP] configs
 }
 NESTING_RULES = ("top_down", "bottom_up")
 FAR = 2.0  # margin of a decision no threshold can flip (scores and thresholds live in [0, 1])
@@ -59,16 +60,30 @@ class DCTSConfig:
     """dCTS options. Thresholds are for 2x2, 4x4, 8x8, 16x16 windows, in that order."""
 
     preset: str = ""  # tau-6899 or tau-4999; overrides thresholds
-    thresholds: tuple[float, ...] = (0.6, 0.8, 0.9, 0.9)  # seed 000 (= tau-6899)
+    thresholds: tuple[float, ...] = (0.6, 0.8, 0.9, 0.9)  # [Poreba et al.] (= tau-6899)
     window_sizes: tuple[int, ...] = (2, 4, 8, 16)  # enabled sizes; must include 2 (the fallback level)
     nesting: str = "top_down"  # top_down | bottom_up
     capacity: int = 0  # patch-token slots; 0 = capacity_ratio * N
-    capacity_ratio: float = 1.0  # 1.0 = exact for every image (no FLOP saving); calibrate to trade
+    # 0.59: the published average cost (SegViT ViT-B Cityscapes 768: 301 -> 182 GFLOPs, 0.60x); 1.0 = exact for
+    # every image but no saving; `staticprune calibrate` fits the capacity to images
+    capacity_ratio: float = 0.59
     decode_on: str = "tokens"  # tokens | grid (see CTS)
     policy_weights: str = ""
     policy_width: float = 1.0
     policy_seed: int = 0
     expose_decisions: bool = False
+
+    def inert_options(self) -> dict[str, str]:
+        """Options overridden by another (giving one is an error, see methods/__init__.py)."""
+        out: dict[str, str] = {}
+        if self.preset:
+            out["thresholds"] = "preset sets the thresholds; give one of the two"
+        if self.capacity > 0:
+            out["capacity_ratio"] = "capacity (a count) overrides it; give one of the two"
+        if self.policy_weights:
+            why = "policy_weights loads the policy; remove it (it only shapes a randomly initialised policy)"
+            out.update(policy_width=why, policy_seed=why)
+        return out
 
 
 def resolve_thresholds(cfg: DCTSConfig) -> dict[int, float]:
@@ -247,17 +262,18 @@ class DCTS(SharingMethod):
     def fallback(self, dec: Decisions, scores2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Forced 2x2 merges so that the sequence fits the capacity.
 
-        Returns forced (B, G) bool, the overflow count (B,) float and the rank margin of every 2x2 group (B, G).
+        Returns forced (B, G) bool, the overflow count (B,) int32 and the rank margin of every 2x2 group (B, G).
+        Token counts are INT32 sums: exact in every engine precision.
         """
-        wanted = float(self.num_patches) - sum(
-            float(s * s - 1) * tok.float().sum(1) for s, tok in zip(self.sizes, dec.tokens))
-        excess = torch.clamp(wanted - float(self.capacity), min=0.0)
+        wanted = self.num_patches - sum(
+            (s * s - 1) * count_true(tok, dim=1) for s, tok in zip(self.sizes, dec.tokens))
+        excess = (wanted - self.capacity).clamp(min=0)
         covered = dec.tokens[-1]
         for l in range(len(self.sizes) - 2, -1, -1):
             up = (getattr(self, f"parents_{l}"), getattr(self, f"has_parent_{l}"))
             covered = dec.tokens[l] | (expand_to_children(covered.float(), *up, 0.0) > 0.5)
         eligible = ~covered
-        needed = torch.ceil(excess / 3.0).unsqueeze(1)
+        needed = torch.div(excess + 2, 3, rounding_mode="trunc").unsqueeze(1)  # ceil(excess / 3), excess >= 0
         s2 = scores2.flatten(1)
         forced = eligible & (descending_rank(s2, eligible, self.tie_lower) < needed)
         rank_margin = torch.where(eligible, _rank_margin(s2, forced, eligible), torch.full_like(s2, FAR))
@@ -296,6 +312,11 @@ def _rank_margin(scores: Tensor, forced: Tensor, eligible: Tensor) -> Tensor:
     best_out = torch.where(eligible & ~forced, scores, torch.full_like(scores, -1.0)).amax(-1, keepdim=True)
     worst_in = torch.where(forced, scores, torch.full_like(scores, FAR)).amin(-1, keepdim=True)
     return torch.where(forced, scores - best_out, worst_in - scores)
+
+
+# Options under which the static module never overflows (capacity = the whole sequence): parity checks that must
+# compare every image against the reference use them, whatever the defaults are.
+EXACT_OPTIONS: dict[str, Any] = {"capacity_ratio": 1.0}
 
 
 @register("dcts")

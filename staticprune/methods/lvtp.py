@@ -1,4 +1,4 @@
-"""LVTP, Low-level Visual features guided progressive Token Pruning (methods.md §8), as a static graph.
+"""LVTP, Low-level Visual features guided progressive Token Pruning (docs/methods/lvtp.md), as a static graph.
 
 At each pruning block (default: the middle one, as the paper's best single-layer setting):
 
@@ -53,6 +53,7 @@ from staticprune.ops.pruning import (
     restore_with_frozen,
     top2_gap,
 )
+from staticprune.ops.scan import count_true
 
 RANGE_EPS = 1e-12  # min-max normalisation of a constant vector: everything maps to 0 instead of 0/0
 
@@ -76,9 +77,17 @@ class LVTPConfig:
     prune_rate: float = 0.5  # share of the pending tokens the second clustering may prune (paper: 50 %); 1 = all
     edge_sqrt: bool = False  # eq. (10) as printed has no square root
     capacity: tuple[int, ...] = ()  # tokens kept after each pruning point (one value = all); overrides the ratio
-    capacity_ratio: tuple[float, ...] = (1.0,)  # same as a ratio of the N patch tokens; 1 = exact, no overflow
+    # same as a ratio of the N patch tokens; 1 = exact but no saving. Default 0.54: the paper's 46 % cut (SAM ViT-H,
+    # one pruning layer) applied to the tokens after the pruning point; `staticprune calibrate` fits it to images
+    capacity_ratio: tuple[float, ...] = (0.54,)
     restore: str = "frozen"  # pruned patches in the dense output: "frozen" (features at pruning) or "zero"
     expose_decisions: bool = False  # also output decision_layer<i> / margin_layer<i>
+
+    def inert_options(self) -> dict[str, str]:
+        """Options overridden by another (giving one is an error, see methods/__init__.py)."""
+        if self.capacity:
+            return {"capacity_ratio": "capacity (counts) overrides it; give one of the two"}
+        return {}
 
 
 def validate(cfg: LVTPConfig) -> None:
@@ -160,7 +169,8 @@ def lvtp_selection(tokens: Tensor, valid: Tensor, edge: Tensor, cfg: LVTPConfig)
     weighted = tokens * weight.unsqueeze(-1)
     first = cosine_kmeans(weighted, valid, cfg.clusters, cfg.kmeans_iters)
     onehot = membership(first.assign, valid, cfg.clusters)  # (B, T, K)
-    mean_weight = (onehot.transpose(1, 2) @ weight.unsqueeze(-1)).squeeze(-1) / first.count.clamp(min=1.0)
+    members = first.count.clamp(min=1).to(weight.dtype)  # int32 counts, as float only to divide
+    mean_weight = (onehot.transpose(1, 2) @ weight.unsqueeze(-1)).squeeze(-1) / members
     richness = torch.where(first.count > 0, mean_weight, torch.full_like(mean_weight, -1.0))  # empty: never kept
     rank = rank_descending(richness)
     kept = valid & (torch.gather(rank, 1, first.assign) < cfg.keep_clusters)
@@ -169,16 +179,27 @@ def lvtp_selection(tokens: Tensor, valid: Tensor, edge: Tensor, cfg: LVTPConfig)
     second = kmeans_1d(edge, pending, cfg.edge_clusters, cfg.kmeans_iters)
     order = rank_descending(-second.centres)  # 0 = weakest edges; equal centres: lower cluster first
     not_after = order.unsqueeze(-1) >= order.unsqueeze(-2)  # [j, i]: cluster i comes at or before cluster j
-    pruned_upto = (not_after.to(edge.dtype) * second.count.unsqueeze(-2)).sum(-1)  # pending pruned through j
-    budget = cfg.prune_rate * pending.to(edge.dtype).sum(-1, keepdim=True)
+    # Counts stay INT32 (exact in any engine precision): pending pruned through cluster j, and the budget
+    # floor(prune_rate * pending) looked up in a build-time table computed in float32 as the reference does.
+    pruned_upto = count_true(not_after.to(torch.int32) * second.count.unsqueeze(-2))
+    budget_of = torch.floor(torch.arange(dims(valid)[1] + 1, dtype=torch.float32) * cfg.prune_rate).to(torch.int32)
+    budget = budget_of.to(valid.device)[count_true(pending).to(torch.int64)].unsqueeze(-1)
     pruned = pending & (torch.gather(pruned_upto, 1, second.assign) <= budget)
 
     code = torch.where(kept, KEPT, torch.where(pruned, PRUNED, RESCUED))
     code = torch.where(valid, code, torch.full_like(code, NOT_CANDIDATE)).to(torch.int32)
     low, high = masked_range(edge, pending)
     scale = (high - low).clamp(min=RANGE_EPS).unsqueeze(-1)
-    first_margin = torch.minimum(top2_gap(first.score), boundary_gap(richness, rank, cfg.keep_clusters).unsqueeze(-1))
+    cut = boundary_gap(richness, rank, cfg.keep_clusters)
+    # The best cluster left out is empty (richness -1): no token sits below the cut, none can cross it.
+    best_out = torch.where(rank == cfg.keep_clusters, richness, torch.zeros_like(richness)).sum(-1)
+    cut = torch.where(best_out < 0, torch.full_like(cut, NO_MARGIN), cut)
+    first_margin = torch.minimum(top2_gap(first.score), cut.unsqueeze(-1))
     second_margin = torch.minimum(top2_gap(second.score) / scale, closest_pair_gap(second.centres, second.count).unsqueeze(-1) / scale)
+    # The prune budget is floor(prune_rate * pending count): a first-stage near-tie can move that count and with
+    # it the second stage's cut, so no pending token is further from flipping than the closest first-stage call.
+    closest_first = torch.where(valid, first_margin, torch.full_like(first_margin, NO_MARGIN)).amin(-1, keepdim=True)
+    second_margin = torch.minimum(second_margin, closest_first)
     margin = torch.where(pending, torch.minimum(first_margin, second_margin), first_margin)
     margin = torch.where(valid, margin, torch.full_like(margin, NO_MARGIN))
     return Selection(keep=valid & ~pruned, code=code, margin=margin)
@@ -253,6 +274,11 @@ def restore_all(state: TokenState) -> TokenState:
     full = restore_with_frozen(state.x, state.frozen, state.owner)
     x = torch.cat([state.x[:, : state.num_prefix], full], dim=1)
     return TokenState(x=x, num_prefix=state.num_prefix, extras=dict(state.extras))
+
+
+# Options under which the static module never overflows (room for every token after pruning): parity checks that must
+# compare every image against the reference use them, whatever the defaults are.
+EXACT_OPTIONS: dict[str, Any] = {"capacity_ratio": [1.0]}
 
 
 @register("lvtp")

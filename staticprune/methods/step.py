@@ -1,4 +1,4 @@
-"""STEP, SuperToken and Early-Pruning (methods.md §6): dCTS supertokens, then DToP early exits, as one static graph.
+"""STEP, SuperToken and Early-Pruning (docs/methods/step.md): dCTS supertokens, then DToP early exits, as one static graph.
 
 The dCTS module (`staticprune.methods.dcts`) builds the initial sequence in `embed`: superpatch windows of 2x2 to
 16x16 patches chosen by the policy's per-size thresholds, compacted into a token capacity. The DToP exit machinery
@@ -22,9 +22,9 @@ from staticprune.methods.dcts import DCTS, DCTSConfig
 from staticprune.methods.dtop import DToPConfig, EarlyExits, point_layer, require_segvit
 from staticprune.models.token_state import TokenState
 
-# The STEP settings of the seeds: exit blocks (0-based) and dCTS thresholds for (2x2, 4x4, 8x8, 16x16).
-# [000]: ViT-B SegViT on Cityscapes, DToP after the 8th block, tau (0.6, 0.8, 0.9, 0.9), theta 0.9.
-# [001]: ViT-L SegViT, heads at [8, 16] (3 stages) or [18] (2 stages), tau-6899 or tau-4999; theta is the
+# The STEP settings of the papers (docs/references.md): exit blocks (0-based) and dCTS thresholds for (2x2, 4x4, 8x8, 16x16).
+# [Poreba et al.]: ViT-B SegViT on Cityscapes, DToP after the 8th block, tau (0.6, 0.8, 0.9, 0.9), theta 0.9.
+# [STEP]: ViT-L SegViT, heads at [8, 16] (3 stages) or [18] (2 stages), tau-6899 or tau-4999; theta is the
 # `threshold` option (0.95 COCO-Stuff-10k, 0.9 ADE20K).
 PRESETS: dict[str, tuple[tuple[int, ...], tuple[float, float, float, float]]] = {
     "000-vit-b": ((7,), (0.6, 0.8, 0.9, 0.9)),
@@ -33,7 +33,7 @@ PRESETS: dict[str, tuple[tuple[int, ...], tuple[float, float, float, float]]] = 
     "001-vit-l-18-tau6899": ((17,), (0.6, 0.8, 0.9, 0.9)),
     "001-vit-l-18-tau4999": ((17,), (0.4, 0.9, 0.9, 0.9)),
 }
-DEFAULT_EXITS = {12: (7,), 24: (7, 15)}  # no preset: seed 000's ViT-B setting, [001]'s [8, 16] for ViT-L
+DEFAULT_EXITS = {12: (7,), 24: (7, 15)}  # no preset: [Poreba et al.]'s ViT-B setting, [STEP]'s [8, 16] for ViT-L
 
 
 @dataclass
@@ -46,7 +46,7 @@ class STEPConfig:
     window_sizes: tuple[int, ...] = (2, 4, 8, 16)
     nesting: str = "top_down"  # top_down | bottom_up (see dCTS)
     token_capacity: int = 0  # dCTS token slots; 0 = token_capacity_ratio x N
-    token_capacity_ratio: float = 1.0
+    token_capacity_ratio: float = 0.59  # dCTS's default (its published average cost)
     policy_weights: str = ""
     policy_width: float = 1.0
     policy_seed: int = 0
@@ -55,11 +55,28 @@ class STEPConfig:
     threshold: tuple[float, ...] = (0.9,)
     keep_top_per_class: int = 5
     capacity: tuple[int, ...] = ()  # active tokens after each exit (count); overrides capacity_ratio
-    capacity_ratio: tuple[float, ...] = (1.0,)  # ratio of the N patches, clipped to the dCTS token capacity
+    # ratio of the N patches, clipped to the dCTS token capacity. Defaults 0.59 / 0.45: the published average cost
+    # (SegViT ViT-B Cityscapes 768: 301 -> 149 GFLOPs, 0.49x); `staticprune calibrate` fits both to images
+    capacity_ratio: tuple[float, ...] = (0.45,)
     head_heads: int = 0
     head_layers: int = 3
     head_seed: int = 0
     expose_decisions: bool = False  # decision_embed (dCTS windows) and decision_layer<i> (exits), with margins
+
+    def inert_options(self) -> dict[str, str]:
+        """Options overridden by another (giving one is an error, see methods/__init__.py)."""
+        out: dict[str, str] = {}
+        if self.preset:
+            out.update(exit_layers="preset sets the exit layers; give one of the two",
+                       tau="preset sets tau; give one of the two")
+        if self.token_capacity > 0:
+            out["token_capacity_ratio"] = "token_capacity (a count) overrides it; give one of the two"
+        if self.capacity:
+            out["capacity_ratio"] = "capacity (counts) overrides it; give one of the two"
+        if self.policy_weights:
+            why = "policy_weights loads the policy; remove it (it only shapes a randomly initialised policy)"
+            out.update(policy_width=why, policy_seed=why)
+        return out
 
 
 def split_config(cfg: STEPConfig, depth: int) -> tuple[DCTSConfig, DToPConfig]:
@@ -107,6 +124,11 @@ class STEP(EarlyExits):
     def decode(self, decoder: nn.Module, feats: list[Tensor], state: TokenState, grid: tuple[int, int],
                image_size: tuple[int, int]) -> Tensor:
         return self.predict(state, grid, image_size)
+
+
+# Options under which the static module never overflows (dCTS and every exit hold every token): parity checks that must
+# compare every image against the reference use them, whatever the defaults are.
+EXACT_OPTIONS: dict[str, Any] = {"token_capacity_ratio": 1.0, "capacity_ratio": [1.0]}
 
 
 @register("step")

@@ -2,7 +2,7 @@
 
 Two modes. `r`: a fixed number of tokens merged per layer (ToMe's own schedule), static by nature: every
 buffer has exactly the reference's length. `threshold`: every A token whose best edge reaches the threshold
-merges; the token count is data-dependent, so each layer writes into a fixed capacity (DESIGN §4) and reports
+merges; the token count is data-dependent, so each layer writes into a fixed capacity (the capacity contract, docs/method-contract.md) and reports
 `overflow` when the rule would keep more.
 
 The merge step (`match_tokens`, `threshold_count`, `apply_bipartite`) and the decoder placement
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -43,6 +43,19 @@ class ToMeConfig:
     unmerge: str = "auto"  # "auto" | "before" | "after" the decoder (auto: after for linear/mask, before for ATM)
     expose_decisions: bool = False  # also output decision_layer<l> / margin_layer<l>
 
+    def inert_options(self) -> dict[str, str]:
+        """Options the chosen mode ignores (giving one is an error, see methods/__init__.py)."""
+        if self.mode == "r":
+            why = ("it is a threshold-mode option; add --opt mode=threshold, or remove it "
+                   "(mode r merges r tokens per layer)")
+            return {k: why for k in ("threshold", "inclusive", "capacity", "capacities")}
+        if self.mode == "threshold":
+            out = {"r": "mode threshold merges every edge >= threshold; remove r, or use --opt mode=r"}
+            if self.capacities:
+                out["capacity"] = "capacities (one per merging layer) overrides it; give one of the two"
+            return out
+        return {}
+
 
 # ------------------------------------------------------------------------------------------- option helpers
 
@@ -69,22 +82,25 @@ def resolve_capacity(value: Optional[float], n: int, what: str) -> Optional[int]
     return resolve_count(value, n, what)
 
 
-def fit_capacity(requested: Optional[int], patches_in: int, num_prefix: int) -> int:
+def fit_capacity(requested: Optional[int], patches_in: int) -> int:
     """Patch slots after a bipartite merge of a buffer holding up to `patches_in` patches.
 
-    Never more than the input (no point), never less than what merging every candidate reaches
-    (floor((P + n) / 2) patches), so that the capacity fallback can always meet it.
+    Never more than the input (no point), never less than n - floor(n / 2) for a buffer of n patches: the
+    fewest slots that hold the result whatever the parity and the padding, so the capacity fallback can always
+    meet it. This is the merge plugin's lower clamp (staticprune_bipartite_merge_out_tokens in
+    plugins/common/staticprunePluginContract.cpp: T' >= T - floor((T - P) / 2)), so the graph's buffer and the
+    plugin's output agree; tests/test_plugin_contract.py checks the two against each other.
     """
-    floor_ = (num_prefix + patches_in) // 2
+    lowest = patches_in - patches_in // 2
     if requested is None:
         return patches_in
-    return max(floor_, min(requested, patches_in))
+    return max(lowest, min(requested, patches_in))
 
 
 def unmerge_placement(option: str, decoder_kind: str) -> str:
     """Where reduced tokens go back to the full grid: "before" or "after" the decoder.
 
-    "auto" follows ALGM ([004] §3.3, its decoder.py): after a per-token (linear) or transformer (mask) decoder,
+    "auto" follows ALGM ([ALGM] Sec. 3.3, its decoder.py): after a per-token (linear) or transformer (mask) decoder,
     which then runs on the reduced tokens; before SegViT's ATM head, which reads three intermediate states.
     """
     if option not in ("auto", "before", "after"):
@@ -114,8 +130,28 @@ def identity_owner(state: TokenState) -> Tensor:
 
 
 def match_tokens(state: TokenState, metric: Tensor) -> Edges:
-    """Best edge of every A token of the state's buffer (CLS protected, padding excluded)."""
-    return best_edges(metric, state.full_size() > 0, state.num_prefix)
+    """Best edge of every A token of the state's buffer (CLS protected, padding excluded).
+
+    With two prefix tokens (DeiT: CLS, then the distillation token = B token 0), the distillation token also
+    receives no merge, as ToMe's `scores[..., :, 0] = -inf`: it is excluded as a partner."""
+    valid = state.full_size() > 0
+    if state.num_prefix == 2:
+        receivable = valid & (torch.arange(valid.shape[1], device=valid.device) != 1)
+        return best_edges(metric, receivable, 1)
+    return best_edges(metric, valid, state.num_prefix)
+
+
+def distillation_token_second(x: Tensor, size: Tensor, owner: Tensor, kept_a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """[CLS, kept A.., dist, other B..] -> [CLS, dist, kept A.., other B..]: ToMe's order with a distillation
+    token (`[unm[:1], dst[:1], unm[1:], dst[1:]]`). kept_a (B,): kept A tokens, CLS included, so the distillation
+    token sits at slot kept_a. Patches never own slot 0 or the distillation token's slot."""
+    n = kept_a.to(torch.int64)[:, None]
+    j = torch.arange(x.shape[1], device=x.device)[None, :]
+    src = torch.where(j == 1, n, torch.where((j >= 2) & (j <= n), j - 1, j))
+    x = x.gather(1, src[..., None].expand(-1, -1, x.shape[2]))
+    size = size.gather(1, src)
+    owner = torch.where((owner >= 1) & (owner < n), owner + 1, owner)
+    return x, size, owner
 
 
 def rule_count(scores: Tensor, candidate: Tensor, threshold: Tensor, inclusive: bool, coupled: bool = False) -> Tensor:
@@ -158,7 +194,10 @@ def apply_bipartite(
     n_merge = torch.maximum(n_rule, patches_in - out_patches).minimum(count(edges.candidate))
     merge = edges.candidate & (rank < n_merge[:, None])
     order = rank if p == 0 else None
+    kept_a = count((size[:, 0::2] > 0) & ~merge)
     x, size, owner = bipartite_merge(state.x, size, owner, edges, merge, p + out_patches, order)
+    if p == 2:
+        x, size, owner = distillation_token_second(x, size, owner, kept_a)
     overflow = (patches_in - n_rule - out_patches).clamp(min=0).to(torch.int32)
     result = StepResult(replace(state, x=x, size=size, owner=owner), overflow)
     if decision_len is None:
@@ -276,7 +315,7 @@ def plan_points(cfg: ToMeConfig, depth: int, num_prefix: int, n0: int) -> list[M
     if len(caps) != len(layers):
         raise ValueError(f"capacities has {len(caps)} values for {len(layers)} merging layers")
     for layer, cap in zip(layers, caps):
-        patches = fit_capacity(resolve_capacity(cap, n0, "capacity"), patches, num_prefix)
+        patches = fit_capacity(resolve_capacity(cap, n0, "capacity"), patches)
         points.append(MergePoint(layer - 1, f"layer{layer}", None, patches))
     return points
 
@@ -315,7 +354,9 @@ class ToMe(MergingHook):
         names = [p.name for p in self.points.values()]
         self.extra_outputs = extra_output_names(names, cfg.expose_decisions)
         # merge steps exported as StaticPruneBipartiteMerge nodes in the plugin graph (none with decision outputs)
-        self.plugin_merge_points = 0 if cfg.expose_decisions else len(self.points)
+        merging = [p for p in self.points.values() if p.r is None or p.r > 0]  # r = 0 points are the identity
+        # the merge plugin protects one prefix token; with DeiT's two the standard graph is the only one
+        self.plugin_merge_points = 0 if cfg.expose_decisions or backbone.num_prefix > 1 else len(merging)
         backbone.proportional_attention = cfg.prop_attn
 
     def after_attention(self, layer: int, state: TokenState, keys: Tensor) -> TokenState:
@@ -324,7 +365,9 @@ class ToMe(MergingHook):
         point = self.points.get(layer)
         if point is None:
             return state
-        if state.x.shape[1] < 2:  # no B token left: nothing can merge (static shape, so a Python branch)
+        if state.x.shape[1] < 2 or (point.r is not None and point.r <= 0):
+            # Nothing merges: no B token left, or ToMe's r <= 0, where the official code returns the tokens
+            # unchanged and in their order (rebuilding [A kept, B] would split later layers differently).
             return record(no_merge(state, self.decision_len if self.cfg.expose_decisions else None), point.name)
         metric = keys.mean(1)
         decision_len = self.decision_len if self.cfg.expose_decisions else None
@@ -339,7 +382,7 @@ class ToMe(MergingHook):
                 n_rule = rule_count(edges.score, edges.candidate, threshold, self.cfg.inclusive)
             return apply_bipartite(state, edges, n_rule, point.out_patches, threshold, decision_len)
 
-        if plugins_enabled() and decision_len is None:
+        if plugins_enabled() and decision_len is None and state.num_prefix < 2:
             return record(self._plugin_step(state, metric, point, step_for), point.name)
         return record(step_for(metric), point.name)
 
@@ -359,6 +402,11 @@ class ToMe(MergingHook):
             num_prefix=p, inclusive=self.cfg.inclusive, absolute_parity=True, kept_by_score=p == 0)
         return StepResult(replace(state, x=x, size=size, owner=owner), overflow)
 
+
+
+# Options under which the static module never overflows (fixed r per layer: the token counts are static, nothing can overflow): parity checks that must
+# compare every image against the reference use them, whatever the defaults are.
+EXACT_OPTIONS: dict[str, Any] = {"mode": "r"}
 
 
 @register("tome")

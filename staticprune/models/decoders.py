@@ -1,7 +1,7 @@
 """Segmentation decoders: Segmenter linear, Segmenter mask transformer, SegViT ATM head.
 
 Each decoder maps patch features on the full grid to per-pixel logits (B, K, H, W). Parameter names are the
-official ones (architectures.md §2.2, §2.3, §3.5) so checkpoints load by prefix.
+official ones (rstrudel/segmenter, SegViT in mmseg's layout) so checkpoints load by prefix.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Class-agnostic CTS / dCTS policy network: EfficientNet-Lite0 features + one scoring head per window size.
 
-Architecture (architectures.md §5): timm ``efficientnet_lite0`` with ``features_only=True`` -- stem conv 3x3 s2,
+Architecture (the CTS policy network, docs/methods/cts.md): timm ``efficientnet_lite0`` with ``features_only=True`` -- stem conv 3x3 s2,
 seven stages of depthwise-separable / inverted-residual blocks, ReLU6, no squeeze-excitation, BatchNorm eps 1e-5,
 bias-free convs -- whose stride-32 map (320 channels) feeds ``head``, a 1x1 Conv2d(320, 2): one logit pair per 32x32
 pixel cell, i.e. per 2x2 group of 16-px patches. Score = softmax(logits)[:, 1] (= sigmoid(l1 - l0)), "the window
 holds one semantic class".
 
-Multi-scale heads for dCTS (methods.md §4.3 item 1 leaves this UNSPECIFIED; our choice): a window of s x s patches
+Multi-scale heads for dCTS (the papers leave this open; our choice): a window of s x s patches
 covers f x f stride-32 cells (f = s / 2), so ``head{s}`` is a Conv2d(C, 2, kernel f, stride f) on the same feature
 map -- a position-aware linear score of the window's cells (the paper's ``sigma(W_p^T W)``). ``head`` is the f = 1 case,
 so an official CTS checkpoint loads unchanged and a dCTS policy is a CTS policy plus ``head4``/``head8``/``head16``.

@@ -31,6 +31,14 @@ def _segmenter(size: str, decoder: str) -> ModelSpec:
     return ModelSpec(f"segmenter-vit-{size}-{decoder}", "segmenter", size, decoder, vit)
 
 
+def _segmenter_deit(size: str, decoder: str) -> ModelSpec:
+    # Segmenter's DeiT-distilled variants (its zoo's seg_base_deit_*): the same encoder with a distillation token
+    # after the CLS token (two prefix tokens, both dropped before the decoder) and ImageNet normalisation.
+    vit = ViTConfig(**VIT_SIZES[size], ln_eps=1e-5, use_cls_token=True, final_norm=True, distilled=True)
+    return ModelSpec(f"segmenter-deit-{size}-{decoder}", "segmenter", size, decoder, vit, mean=IMAGENET_MEAN,
+                     std=IMAGENET_STD)
+
+
 def _segvit(size: str) -> ModelSpec:
     # mmseg ViT: LN eps 1e-6, CLS dropped before block 0, no final norm, raw features of three blocks.
     out = (5, 7, 11) if size == "b" else (7, 15, 23)
@@ -43,6 +51,7 @@ def _segvit(size: str) -> ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [_segmenter(s, d) for s in "tsbl" for d in ("linear", "mask")] + [_segvit("b"), _segvit("l")]
+    + [_segmenter_deit(s, d) for s in "tsb" for d in ("linear", "mask")]  # DeiT has no distilled ViT-L
 }
 
 

@@ -68,6 +68,7 @@ class SegmentationModel(nn.Module):
             logits = self.method.decode(self.decoder, feats, state, self.grid, self.image_size)
         else:
             logits = self.decoder(feats, self.grid, self.image_size)
+        logits = logits.float()  # FP32 logits from every graph, mixed-precision ones included (no-op in FP32)
         outputs: tuple[Tensor, ...] = (logits,)
         if self.emit_labels:
             outputs += (logits.argmax(dim=1).to(torch.int32),)

@@ -1,4 +1,4 @@
-"""The token state that ViT blocks pass along (DESIGN §3)."""
+"""The token state that ViT blocks pass along (docs/method-contract.md)."""
 
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ class ViTConfig:
     use_cls_token: bool = True  # False: the CLS parameter exists (checkpoints carry it) but is dropped before block 0
     final_norm: bool = True
     out_indices: tuple[int, ...] = ()  # blocks whose outputs the decoder also needs (SegViT)
+    distilled: bool = False  # DeiT-distilled: a second prefix token, `dist_token`, right after the CLS token
 
 
 VIT_SIZES: dict[str, dict[str, int]] = {
@@ -47,12 +48,16 @@ class LayerNorm(nn.LayerNorm):
     decompose: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
+        # In a mixed-precision model the norms keep FP32 weights and normalise FP16 activations in FP32: the
+        # variance of a ViT's large-norm tokens overflows FP16 (TensorRT warns about exactly this).
+        dtype = x.dtype
+        x = x.to(self.weight.dtype)
         if not self.decompose:
-            return super().forward(x)
+            return super().forward(x).to(dtype)
         mean = x.mean(-1, keepdim=True)
         centered = x - mean
         var = (centered * centered).mean(-1, keepdim=True)
-        return centered / torch.sqrt(var + self.eps) * self.weight + self.bias
+        return (centered / torch.sqrt(var + self.eps) * self.weight + self.bias).to(dtype)
 
 
 class TokenHook(Protocol):
@@ -67,14 +72,28 @@ class TokenHook(Protocol):
     def after_block(self, layer: int, state: TokenState) -> TokenState: ...
 
 
-def attention_bias(size: Optional[Tensor], proportional: bool) -> Optional[Tensor]:
-    """(B, 1, 1, T) additive key bias: MASK_NEG on padding slots, log(size) if proportional attention."""
+def attention_bias(size: Optional[Tensor], proportional: bool, dtype: torch.dtype = torch.float32) -> Optional[Tensor]:
+    """(B, 1, 1, T) additive key bias: MASK_NEG on padding slots, log(size) if proportional attention.
+
+    Computed from the FP32 sizes, then cast to the attention's dtype (MASK_NEG and log(4096) fit FP16)."""
     if size is None:
         return None
     bias = torch.where(size > 0, torch.zeros_like(size), torch.full_like(size, MASK_NEG))
     if proportional:
         bias = bias + torch.log(size.clamp(min=1.0))
-    return bias[:, None, None, :]
+    return bias[:, None, None, :].to(dtype)
+
+
+def call_hook(step, layer: int, state: TokenState, *tensors: Tensor) -> TokenState:
+    """Run a method's step in FP32 and hand its tokens back in the backbone's dtype.
+
+    Token-reduction decisions (similarities, thresholds, ranks, counts, slots) are computed in FP32 even when
+    the backbone runs in FP16, through explicit casts: a strongly typed TensorRT network keeps them there. In an
+    FP32 model the casts are no-ops and emit nothing.
+    """
+    dtype = state.x.dtype
+    out = step(layer, state.with_x(state.x.float()), *(t.float() for t in tensors))
+    return out.with_x(out.x.to(dtype))
 
 
 class Attention(nn.Module):
@@ -94,7 +113,7 @@ class Attention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         logits = (q @ k.transpose(-2, -1)) * self.scale
         if bias is not None:
-            logits = logits + bias
+            logits = logits + bias.to(logits.dtype)  # no-op unless FP32 biases meet FP16 attention
         out = logits.softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(b, t, d)), k
 
@@ -128,11 +147,11 @@ class Block(nn.Module):
     def forward_state(
         self, layer: int, state: TokenState, hook: Optional[TokenHook], proportional: bool
     ) -> TokenState:
-        bias = attention_bias(state.size, proportional)
+        bias = attention_bias(state.size, proportional, state.x.dtype)
         y, keys = self.attn(self.norm1(state.x), bias)
         state = state.with_x(state.x + y)
         if hook is not None:
-            state = hook.after_attention(layer, state, keys)
+            state = call_hook(hook.after_attention, layer, state, keys)
         x = state.x
         return state.with_x(x + self.mlp(self.norm2(x)))
 
@@ -156,8 +175,12 @@ class VisionTransformer(nn.Module):
         self.proportional_attention = False  # set by methods that use log(size) attention (ToMe, ALGM)
         d = cfg.dim
         self.patch_embed = PatchEmbed(d)
+        if cfg.distilled and not cfg.use_cls_token:
+            raise ValueError("a DeiT-distilled backbone keeps its CLS token (use_cls_token=True)")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], d))
+        # DeiT: the distillation token and its positional row follow the CLS token's (timm and Segmenter layout)
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.table_prefix + grid[0] * grid[1], d))
         self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio, cfg.ln_eps) for _ in range(cfg.depth))
         self.norm = LayerNorm(d, eps=cfg.ln_eps) if cfg.final_norm else None
         self._init_weights()
@@ -165,23 +188,34 @@ class VisionTransformer(nn.Module):
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.dist_token is not None:  # only here, so ViT models draw the same random weights as before
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
     @property
+    def table_prefix(self) -> int:
+        """Rows of `pos_embed` before the patch grid: CLS (always stored, also when dropped) and DeiT's dist."""
+        return 2 if self.cfg.distilled else 1
+
+    @property
     def num_prefix(self) -> int:
-        return 1 if self.cfg.use_cls_token else 0
+        """Prefix tokens in the sequence, never reduced: CLS (and DeiT's distillation token), or none (SegViT)."""
+        return self.table_prefix if self.cfg.use_cls_token else 0
 
     def embed(self, img: Tensor) -> TokenState:
         gh, gw = img.shape[-2] // PATCH, img.shape[-1] // PATCH
         if (gh, gw) != self.grid:
             raise ValueError(f"input grid {gh}x{gw} does not match the model's {self.grid[0]}x{self.grid[1]}")
-        x = self.patch_embed(img) + self.pos_embed[:, 1:]
+        x = self.patch_embed(img) + self.pos_embed[:, self.table_prefix :]
         if self.cfg.use_cls_token:
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-            x = torch.cat([cls, x], dim=1)
+            prefix = [cls]
+            if self.dist_token is not None:
+                prefix.append((self.dist_token + self.pos_embed[:, 1:2]).expand(x.shape[0], -1, -1))
+            x = torch.cat([*prefix, x], dim=1)
         return TokenState(x=x, num_prefix=self.num_prefix)
 
     def forward(
@@ -189,12 +223,16 @@ class VisionTransformer(nn.Module):
     ) -> tuple[TokenState, list[TokenState]]:
         """Returns the final state (after `norm` if configured) and the states after `out_indices` blocks."""
         custom_embed = getattr(hook, "embed", None) if hook is not None else None
+        # The embedding (patch conv, positions, a method's patch-level sharing) runs in the dtype of the patch
+        # conv, FP32 in every model; the blocks then run in theirs (FP16 in a mixed-precision model).
+        img = img.to(self.patch_embed.proj.weight.dtype)
         state = custom_embed(self, img) if custom_embed is not None else self.embed(img)
+        state = state.with_x(state.x.to(self.blocks[0].attn.qkv.weight.dtype))
         outs: list[TokenState] = []
         for i, block in enumerate(self.blocks):
             state = block.forward_state(i, state, hook, self.proportional_attention)
             if hook is not None:
-                state = hook.after_block(i, state)
+                state = call_hook(hook.after_block, i, state)
             if i in self.cfg.out_indices:
                 outs.append(state)
         if self.norm is not None:

@@ -22,13 +22,13 @@ from staticprune.ops.merge import (
     append_padding,
     compaction_index,
     count,
-    exclusive_cumsum,
     gather_rows,
     scatter_by_rank,
     trash_slots,
     weighted_mean,
     weighted_sum_into,
 )
+from staticprune.ops.scan import exclusive_scan
 
 NO_EDGE = -1e4  # score of a missing edge: below every cosine similarity, finite so FP16 graphs never see -inf
 
@@ -100,10 +100,10 @@ def bipartite_merge(
     xb_out = weighted_mean(sum_xb, sum_sb)
 
     if order is None:
-        pos_a = exclusive_cumsum(keep_a)
+        pos_a = exclusive_scan(keep_a).to(torch.int64)
     else:  # position among the kept A tokens in `order`: prefix sum over the flags laid out in that order
         kept_in_order = scatter_by_rank(keep_a.to(torch.int64), order) > 0
-        pos_a = exclusive_cumsum(kept_in_order).gather(1, order)
+        pos_a = exclusive_scan(kept_in_order).to(torch.int64).gather(1, order)
     n_keep_a = count(keep_a)[:, None]
     pos_b = n_keep_a + torch.arange(xb.shape[1], device=x.device)
     # Slots of the [A; B] concatenation; dropped entries go to distinct trash slots past the end.

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from staticprune.ops.compaction import exclusive_prefix_sum
+from staticprune.ops.scan import count_true, exclusive_scan
 
 NORM_EPS = 1e-12  # F.normalize's default: a zero vector stays zero and is equally similar to every centre
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for the grayscale intensity
@@ -28,26 +28,37 @@ def strided_seeds(valid: Tensor, k: int) -> Tensor:
     A deterministic, data-independent initialisation that spreads the seeds over the sequence (raster order for
     patch tokens); with n < k some seeds repeat, and ties then go to the lower cluster.
     """
-    rank = exclusive_prefix_sum(valid)  # (B, T)
-    n = valid.to(torch.int64).sum(-1, keepdim=True)  # (B, 1)
-    j = torch.arange(k, device=valid.device).view(1, k)
-    target = torch.div(j * n, k, rounding_mode="floor")  # (B, k)
+    rank = exclusive_scan(valid)  # (B, T) int32
+    n = count_true(valid, keepdim=True)  # (B, 1) int32
+    j = torch.arange(k, dtype=torch.int32, device=valid.device).view(1, k)
+    target = torch.div(j * n, k, rounding_mode="floor")  # (B, k) int32: j * n < k * T, far below 2**31
     hit = (rank.unsqueeze(1) == target.unsqueeze(-1)) & valid.unsqueeze(1)
     return hit.to(torch.float32)
 
 
-def masked_mean_update(onehot: Tensor, values: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
-    """Cluster means from a (B, T, k) float membership: (B, k, D); empty clusters keep `previous`. Also counts."""
-    count = onehot.sum(1)  # (B, k)
-    sums = onehot.transpose(1, 2) @ values  # (B, k, D)
-    mean = sums / count.clamp(min=1.0).unsqueeze(-1)
+def masked_mean_update(member: Tensor, values: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+    """Cluster means from a (B, T, k) bool membership: (B, k, D); empty clusters keep `previous`. Also the
+    (B, k) int32 member counts (an INT32 sum: a float one is inexact above 2048 members in FP16)."""
+    count = count_true(member, dim=1)  # (B, k)
+    sums = member.to(values.dtype).transpose(1, 2) @ values  # (B, k, D)
+    mean = sums / count.clamp(min=1).to(sums.dtype).unsqueeze(-1)
     return torch.where((count > 0).unsqueeze(-1), mean, previous), count
 
 
-def membership(assign: Tensor, valid: Tensor, k: int) -> Tensor:
-    """(B, T) cluster index + (B, T) valid -> (B, T, k) float one-hot (zero rows for invalid entries)."""
+def membership_mask(assign: Tensor, valid: Tensor, k: int) -> Tensor:
+    """(B, T) cluster index + (B, T) valid -> (B, T, k) bool one-hot (all False for invalid entries)."""
     ids = torch.arange(k, device=assign.device)
-    return ((assign.unsqueeze(-1) == ids) & valid.unsqueeze(-1)).to(torch.float32)
+    return (assign.unsqueeze(-1) == ids) & valid.unsqueeze(-1)
+
+
+def membership(assign: Tensor, valid: Tensor, k: int) -> Tensor:
+    """`membership_mask` as float32, for the matmuls that average over the members."""
+    return membership_mask(assign, valid, k).to(torch.float32)
+
+
+def cluster_sizes(assign: Tensor, valid: Tensor, k: int) -> Tensor:
+    """(B, k) int32 number of valid entries assigned to each cluster."""
+    return count_true(membership_mask(assign, valid, k), dim=1)
 
 
 @dataclass
@@ -55,7 +66,7 @@ class KMeans:
     assign: Tensor  # (B, T) int64 cluster of each entry (meaningless where not valid)
     centres: Tensor  # (B, k, D) or (B, k)
     score: Tensor  # (B, T, k) what the final assignment maximised (cosine similarity or -distance)
-    count: Tensor  # (B, k) float members per cluster under the final assignment
+    count: Tensor  # (B, k) int32 members per cluster under the final assignment
 
 
 def cosine_kmeans(x: Tensor, valid: Tensor, k: int, iterations: int) -> KMeans:
@@ -65,10 +76,10 @@ def cosine_kmeans(x: Tensor, valid: Tensor, k: int, iterations: int) -> KMeans:
     unit = F.normalize(x, dim=-1, eps=NORM_EPS)
     for _ in range(iterations):
         sim = unit @ F.normalize(centres, dim=-1, eps=NORM_EPS).transpose(1, 2)
-        centres, _ = masked_mean_update(membership(sim.argmax(-1), valid, k), x, centres)
+        centres, _ = masked_mean_update(membership_mask(sim.argmax(-1), valid, k), x, centres)
     sim = unit @ F.normalize(centres, dim=-1, eps=NORM_EPS).transpose(1, 2)
     assign = sim.argmax(-1)
-    return KMeans(assign, centres, sim, membership(assign, valid, k).sum(1))
+    return KMeans(assign, centres, sim, cluster_sizes(assign, valid, k))
 
 
 def masked_range(values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -87,20 +98,20 @@ def kmeans_1d(values: Tensor, valid: Tensor, k: int, iterations: int) -> KMeans:
     centres = low.unsqueeze(-1) + steps * (high - low).unsqueeze(-1)  # (B, k)
     for _ in range(iterations):
         neg_dist = -(values.unsqueeze(-1) - centres.unsqueeze(1)).abs()
-        onehot = membership(neg_dist.argmax(-1), valid, k)
-        centres = masked_mean_update(onehot, values.unsqueeze(-1), centres.unsqueeze(-1))[0].squeeze(-1)
+        member = membership_mask(neg_dist.argmax(-1), valid, k)
+        centres = masked_mean_update(member, values.unsqueeze(-1), centres.unsqueeze(-1))[0].squeeze(-1)
     neg_dist = -(values.unsqueeze(-1) - centres.unsqueeze(1)).abs()
     assign = neg_dist.argmax(-1)
-    return KMeans(assign, centres, neg_dist, membership(assign, valid, k).sum(1))
+    return KMeans(assign, centres, neg_dist, cluster_sizes(assign, valid, k))
 
 
 def rank_descending(values: Tensor) -> Tensor:
-    """(B, k) -> (B, k) int64 rank of each entry, 0 = largest; equal values rank the lower index first."""
+    """(B, k) -> (B, k) int32 rank of each entry, 0 = largest; equal values rank the lower index first."""
     k = int(values.shape[-1])
     ids = torch.arange(k, device=values.device)
     a, b = values.unsqueeze(-1), values.unsqueeze(-2)  # a: entry j (rows), b: entry i (columns)
     before = (b > a) | ((b == a) & (ids.view(1, 1, k) < ids.view(1, k, 1)))
-    return before.to(torch.int64).sum(-1)
+    return count_true(before)
 
 
 def replicate_pad(img: Tensor) -> Tensor:

@@ -1,11 +1,12 @@
-"""Order-preserving stream compaction with static shapes (DESIGN §4).
+"""Order-preserving stream compaction with static shapes (the capacity contract, docs/method-contract.md).
 
 A dynamic method keeps a data-dependent subset of N candidates. A static graph cannot shrink a tensor, so it
 writes the survivors, in their original order, into the first slots of a buffer of fixed capacity C and marks
 the rest as padding. No sort is needed (TensorRT's TopK stops at K = 3840, below the 4096 patches of a
 1024x1024 input):
 
-1. an exclusive prefix sum over the keep mask gives every survivor its destination slot;
+1. an exclusive prefix sum over the keep mask (`staticprune.ops.scan`, INT32, no CumSum) gives every survivor
+   its destination slot;
 2. a scatter whose indices are all distinct writes each survivor's position there. Entries that do not fit
    (not kept, or kept beyond capacity) go to a private trash slot C + i, so the scatter never sees a duplicate
    index: no ScatterElements reduction (silently wrong on TensorRT 8.x), and no write-order dependence
@@ -23,15 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-
-def exclusive_prefix_sum(keep: Tensor) -> Tensor:
-    """(..., N) bool -> (..., N) int64: how many entries before position i are kept.
-
-    For a kept entry this is its destination slot in the compacted order. The CumSum runs in float32 because
-    TensorRT's CumSum takes FP32/FP16 only; counts stay exact integers below 2**24.
-    """
-    flags = keep.to(torch.float32)
-    return (flags.cumsum(-1) - flags).to(torch.int64)
+from staticprune.ops.scan import count_true, exclusive_scan
 
 
 @dataclass
@@ -63,7 +56,7 @@ def compaction_index(keep: Tensor, capacity: int) -> Compaction:
         raise ValueError(f"capacity must be >= 1 (got {capacity})")
     n = keep.shape[-1]
     position = torch.arange(n, device=keep.device)
-    before = exclusive_prefix_sum(keep)
+    before = exclusive_scan(keep).to(torch.int64)  # a kept entry's slot; int64 because it indexes the scatter
     fits = keep & (before < capacity)
     # Unique destinations: survivors that fit go to their slot, everything else to its own trash slot.
     dest = torch.where(fits, before, position + capacity)
@@ -71,7 +64,7 @@ def compaction_index(keep: Tensor, capacity: int) -> Compaction:
     payload = position.to(torch.int32).expand_as(dest)
     buffer = torch.zeros(*keep.shape[:-1], capacity + n, dtype=torch.int32, device=keep.device)
     source = buffer.scatter(-1, dest, payload)[..., :capacity].to(torch.int64)
-    count = keep.to(torch.int64).sum(-1)
+    count = count_true(keep).to(torch.int64)
     valid = torch.arange(capacity, device=keep.device) < count.unsqueeze(-1)
     slot = torch.where(fits, before, torch.full_like(before, -1))
     return Compaction(source=source, valid=valid, count=count, slot=slot)

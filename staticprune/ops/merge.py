@@ -1,12 +1,13 @@
 """Which candidates merge, and how: deterministic ranking, selection margins, size-weighted sums, compaction.
 
-Everything works on fixed-length buffers (DESIGN §4): the number of slots is static, a slot is padding where its
+Everything works on fixed-length buffers (the capacity contract, docs/method-contract.md): the number of slots is static, a slot is padding where its
 size is 0, and valid slots come first. Nothing here knows a method or a model.
 
 Export rules honoured throughout: no sort or TopK (ranks come from pairwise comparisons, so ties resolve to the
 lowest index on every backend and TensorRT's K <= 3840 limit never applies), no ScatterElements reduction (sums
-are one-hot matmuls; scatters write distinct indices only), counts and prefix sums in float32 (exact below
-2**24, and the dtype TensorRT's CumSum and ReduceSum accept everywhere).
+are one-hot matmuls; scatters write distinct indices only), counts, ranks and prefix sums in INT32
+(`staticprune.ops.scan`: exact whatever precision a TensorRT engine picks for its float layers, and no CumSum,
+which TensorRT before 10.8 runs as a sequential Loop). They are widened to int64 only to index a gather/scatter.
 """
 
 from __future__ import annotations
@@ -16,18 +17,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from staticprune.ops.scan import count_true
+
 NO_MARGIN = 1e4  # margin of an entry that decides nothing (padding, protected tokens): never "close to flipping"
 
 
 def count(flags: Tensor, dim: int = -1) -> Tensor:
-    """Number of set flags along `dim`, int64 (summed in float32: exact, and TensorRT-friendly)."""
-    return flags.to(torch.float32).sum(dim).to(torch.int64)
+    """Number of set flags along `dim`: summed in INT32, returned as int64 (it meets int64 indices downstream)."""
+    return count_true(flags, dim).to(torch.int64)
 
-
-def exclusive_cumsum(flags: Tensor) -> Tensor:
-    """(B, n) bool -> (B, n) int64: how many flags are set strictly before each position (a survivor's slot)."""
-    f = flags.to(torch.float32)
-    return (f.cumsum(1) - f).to(torch.int64)
 
 
 def descending_rank(score: Tensor, candidate: Tensor) -> Tensor:
@@ -36,7 +34,7 @@ def descending_rank(score: Tensor, candidate: Tensor) -> Tensor:
 
     It equals `torch.sort(score, descending=True, stable=True)` on candidates, but is computed as "how many
     entries come before me" from pairwise comparisons: O(n^2) compares (n <= 2048 at 1024x1024), no TopK, and
-    the tie rule is explicit instead of a property of one sort implementation.
+    the tie rule is explicit instead of a property of one sort implementation. The count is an INT32 sum.
     """
     n = score.shape[1]
     idx = torch.arange(n, device=score.device)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from staticprune.ops.compaction import Compaction, compaction_index, gather_slots
+from staticprune.ops.scan import count_true
 
 NO_MARGIN = 1.0e4  # margin of a decision that nothing nearby can flip (finite: margins are graph outputs)
 
@@ -115,7 +116,7 @@ class GroupTopK:
     selected: Tensor  # (B, T) bool: member among the k best of its group (lowest index wins ties)
     kth_value: Tensor  # (B, G) score of the k-th best member (the worst selected), fill if fewer than k members
     next_value: Tensor  # (B, G) score of the best unselected member, fill if none
-    count: Tensor  # (B, G) float number of members
+    count: Tensor  # (B, G) int32 number of members
 
 
 def group_topk(score: Tensor, group: Tensor, member: Tensor, num_groups: int, k: int) -> GroupTopK:
@@ -137,7 +138,7 @@ def group_topk(score: Tensor, group: Tensor, member: Tensor, num_groups: int, k:
         available = onehot & ~selected.unsqueeze(1)
         masked = torch.where(available, score.unsqueeze(1), fill)
         best = masked.argmax(dim=-1)  # (B, G), first maximum on ties
-        exists = available.to(score.dtype).sum(-1) > 0
+        exists = count_true(available) > 0
         value = torch.where(exists, torch.gather(masked, 2, best.unsqueeze(-1)).squeeze(-1), fill)
         if round_ == k:
             next_value = value
@@ -147,7 +148,7 @@ def group_topk(score: Tensor, group: Tensor, member: Tensor, num_groups: int, k:
         found = torch.gather(exists.to(torch.int32), 1, group) > 0
         hit = (torch.gather(best, 1, group) == positions) & found & member
         selected = selected | hit
-    count = onehot.to(score.dtype).sum(-1)
+    count = count_true(onehot)
     return GroupTopK(selected=selected, kth_value=kth, next_value=next_value, count=count)
 
 

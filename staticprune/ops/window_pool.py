@@ -14,12 +14,12 @@ from staticprune.ops.merge import (
     append_padding,
     compaction_index,
     count,
-    exclusive_cumsum,
     gather_rows,
     scatter_by_rank,
     trash_slots,
     weighted_mean,
 )
+from staticprune.ops.scan import exclusive_scan
 
 
 def window_members(grid: tuple[int, int], window: tuple[int, int]) -> Tensor:
@@ -72,8 +72,8 @@ def pool_windows(
     in_window = window_of_patch(grid, window).to(x.device)
     pooled_patch = torch.cat([pool, torch.zeros_like(pool[:, :1])], 1)[:, in_window]  # (B, N)
     pooled_in_order = scatter_by_rank(pool.to(torch.int64), order) > 0
-    pos_window = num_prefix + exclusive_cumsum(pooled_in_order).gather(1, order)
-    pos_patch = num_prefix + count(pool)[:, None] + exclusive_cumsum(~pooled_patch)
+    pos_window = num_prefix + exclusive_scan(pooled_in_order).to(torch.int64).gather(1, order)
+    pos_patch = num_prefix + count(pool)[:, None] + exclusive_scan(~pooled_patch).to(torch.int64)
 
     # Sources [prefix; windows; patches]; dropped ones get distinct trash slots past the end.
     total = num_prefix + s + n

@@ -13,6 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from staticprune.ops.pruning import dims
+from staticprune.ops.scan import count_true, inclusive_scan
+
 
 def window_grid(grid: tuple[int, int], s: int) -> tuple[int, int]:
     """Number of complete s x s windows along each axis of a patch grid."""
@@ -86,11 +89,11 @@ def tie_order(g: int) -> Tensor:
 
 
 def descending_rank(scores: Tensor, eligible: Optional[Tensor] = None, lower: Optional[Tensor] = None) -> Tensor:
-    """(B, G) float rank of every score in descending order among the eligible entries; ties -> lowest index first.
+    """(B, G) int32 rank of every score in descending order among the eligible entries; ties -> lowest index first.
 
     rank_i = #{j eligible: s_j > s_i or (s_j == s_i and j < i)}. The pairwise comparison is the tie rule written
-    out, so torch and every ONNX runtime agree on it (no sort, no TopK whose tie order is unspecified).
-    Returned as float (exact below 2^24) because TensorRT 8.x reduces and compares float more readily than int.
+    out, so torch and every ONNX runtime agree on it (no sort, no TopK whose tie order is unspecified). The count
+    is an INT32 sum: exact in every engine precision (a float one is inexact above 2048 in FP16).
     """
     s_i = scores.unsqueeze(-1)  # (B, G, 1): the entry being ranked
     s_j = scores.unsqueeze(-2)  # (B, 1, G): the entries it is compared with
@@ -99,32 +102,32 @@ def descending_rank(scores: Tensor, eligible: Optional[Tensor] = None, lower: Op
     before = (s_j > s_i) | ((s_j == s_i) & lower.unsqueeze(0))
     if eligible is not None:
         before = before & eligible.unsqueeze(-2)
-    return before.float().sum(-1)
+    return count_true(before)
 
 
 def stable_partition(keep: Tensor) -> tuple[Tensor, Tensor]:
     """Destination of every entry when the kept ones move to the front, both groups in their original order.
 
     keep: (B, M) bool. Returns dest (B, M) int64, a permutation of 0..M-1 per row (so a scatter with it has unique
-    indices), and the kept count (B,) int64. Prefix sums run in float32 (exact below 2^24): TensorRT 8.x CumSum
-    takes float only.
+    indices), and the kept count (B,) int64. One INT32 scan (`staticprune.ops.scan`): the dropped entries before
+    position i are i + 1 minus the kept ones.
     """
-    k = keep.float()
-    kept_before = torch.cumsum(k, dim=1)
-    dropped_before = torch.cumsum(1.0 - k, dim=1)
-    total = kept_before[:, -1:]
-    dest = torch.where(keep, kept_before - 1.0, total + dropped_before - 1.0)
-    return dest.long(), total.squeeze(1).long()
+    kept_through = inclusive_scan(keep)  # (B, M) int32, kept entries at or before each position
+    position = torch.arange(dims(keep)[1], dtype=torch.int32, device=keep.device)
+    total = kept_through[:, -1:]
+    dest = torch.where(keep, kept_through - 1, total + position - kept_through)
+    return dest.to(torch.int64), total.squeeze(1).to(torch.int64)
 
 
 def inverse_permutation(dest: Tensor) -> Tensor:
     """src (B, M) int64 with src[b, dest[b, i]] = i: one ScatterElements with unique indices, no reduction.
 
-    The scattered values are float32 (exact below 2^24): the data type every TensorRT ScatterElements takes.
+    The scattered values are int32, which every TensorRT ScatterElements takes (and exact, unlike FP16).
     """
-    values = torch.ones_like(dest, dtype=torch.float32).cumsum(1) - 1.0  # 0..M-1 per row, no traced shape
+    b, m = dims(dest)
+    values = torch.arange(m, dtype=torch.int32, device=dest.device).expand(b, m)  # build-time sizes: a constant
     src = torch.zeros_like(values).scatter(1, dest, values)
-    return src.long()
+    return src.to(torch.int64)
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:

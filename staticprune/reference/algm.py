@@ -5,7 +5,7 @@ layer's attention; windows at/above the threshold become their mean, stored [CLS
 other patches in index order]. GBM (`turbo_matching`): ToMe's bipartite matching on the tokens themselves, every
 edge at/above an adaptive threshold mean + std / layer merges. Per image, Python control flow, dense `source`.
 
-Canonical choices where the official code is arbitrary (shared/reference/methods.md §13): lowest index wins
+Canonical choices where the official code is arbitrary (docs/methods/algm.md): lowest index wins
 ties; images are independent unless batch_coupling is set (then, as the original, a batch merges the smallest
 count any image asks for and GBM pools its threshold over the batch). Plain torch; shares no code with
 staticprune.ops or staticprune.methods.

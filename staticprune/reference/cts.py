@@ -1,4 +1,4 @@
-"""Eager CTS, written the way the official code runs it (tue-mps/cts-segmenter, methods.md §3).
+"""Eager CTS, written the way the official code runs it (tue-mps/cts-segmenter; docs/methods/cts.md).
 
 Per image, in Python: sort the 2x2 group scores (descending; a stable sort, so equal scores keep the lower group
 index first -- the official unstable sort leaves that order arbitrary, staticprune fixes it), mark the top k,
@@ -26,7 +26,7 @@ from staticprune.reference import ReferenceOutput
 
 PATCH = 16
 POINT = "embed"
-# Same named settings as the static module (methods.md §3.5); tests check the two tables agree.
+# Same named settings as the static module; tests check the two tables agree.
 PRESETS = {
     "ade20k-512": (103, (32, 32)),
     "coco-stuff-512": (103, (32, 32)),

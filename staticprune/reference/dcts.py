@@ -1,6 +1,6 @@
-"""Eager dCTS: per image, Python loops over windows, a variable-length sequence, no capacity (methods.md §4).
+"""Eager dCTS: per image, Python loops over windows, a variable-length sequence, no capacity (docs/methods/dcts.md).
 
-The rules the seeds leave open are the ones documented in docs/methods/dcts.md (and implemented statically in
+The rules the papers leave open are the ones documented in docs/methods/dcts.md (and implemented statically in
 staticprune/methods/dcts.py): complete grid-aligned windows only; ``S >= tau``; nesting ``top_down`` (coarse to fine,
 a window is taken if it passes and its area is still free) or ``bottom_up`` (a window passes if it and all its
 children pass; the coarsest passing window of each chain is taken); a window token is the window's pixels resized to
@@ -37,6 +37,8 @@ def window_sizes(options: dict[str, Any], grid: tuple[int, int]) -> list[int]:
     sizes = options.get("window_sizes", SIZES)
     if isinstance(sizes, str):
         sizes = [int(s) for s in sizes.split(",") if s]
+    elif isinstance(sizes, (int, float)):  # `--opt window_sizes=2` arrives as one number
+        sizes = [sizes]
     return sorted(s for s in set(int(s) for s in sizes) if grid[0] // s >= 1 and grid[1] // s >= 1)
 
 

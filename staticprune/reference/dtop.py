@@ -1,4 +1,4 @@
-"""Eager DToP (zbwxp/Dynamic-Token-Pruning inference path, methods.md §5.2): the oracle for the static module.
+"""Eager DToP (zbwxp/Dynamic-Token-Pruning inference path, docs/methods/dtop.md): the oracle for the static module.
 
 Per image, as the official `ViT_prune` / `PruneHead`: every block runs on the active tokens only; at each
 auxiliary head the active tokens are scored, the confident ones (except the 5 most confident per class) are

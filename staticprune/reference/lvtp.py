@@ -1,4 +1,4 @@
-"""Eager LVTP (methods.md §8) with the configuration choices of docs/methods/lvtp.md: the oracle for the static module.
+"""Eager LVTP with the configuration choices of docs/methods/lvtp.md: the oracle for the static module.
 
 Per image, with Python control flow and data-dependent token counts: the blocks run on the surviving tokens only;
 at each pruning block the paper's equations are applied literally (Tsallis entropies, min-max weights, cosine

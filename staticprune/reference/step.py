@@ -1,4 +1,4 @@
-"""Eager STEP (methods.md §6): the eager dCTS supertokens, then the eager DToP exits on them, per image.
+"""Eager STEP (docs/methods/step.md): the eager dCTS supertokens, then the eager DToP exits on them, per image.
 
 dCTS part: the rules of `staticprune.reference.dcts` (per-size thresholds, nesting, window embeddings, sequence
 [individual patches raster, 2x2 windows raster, 4x4, 8x8, 16x16]). DToP part: `staticprune.reference.dtop.run_image`

@@ -4,7 +4,7 @@ One image at a time, Python control flow, data-dependent token counts, ToMe's de
 unmerging (merged with amax, owner = argmax). Plain torch, no code shared with staticprune.ops or
 staticprune.methods: this is the oracle the static graph is checked against.
 
-Canonical rules where the official code is arbitrary (shared/reference/methods.md §13): ties resolve to the
+Canonical rules where the official code is arbitrary (docs/methods/tome.md): ties resolve to the
 lowest index (stable sort, first maximum). The eager runner and decoder helpers here are also used by
 reference/algm.py.
 """
@@ -162,6 +162,7 @@ class EdgeSet:
     order: Tensor  # A indices by node_max, descending, stable (ties: lowest index first)
     has_edges: bool  # False when there is no B token
     protected: bool
+    distill: bool = False  # a DeiT distillation token at position 1 (B token 0): never a partner, output second
 
 
 @dataclass
@@ -169,20 +170,25 @@ class Matching:
     src: Tensor  # A indices that merge, best edge first
     dst: Tensor  # their B partners
     unm: Tensor  # A indices that stay, in output order
+    distill: bool = False  # the output puts B token 0 (the distillation token) second
 
 
-def best_edges(metric: Tensor, protected: bool) -> EdgeSet:
+def best_edges(metric: Tensor, protected: bool, distill: bool = False) -> EdgeSet:
+    """`protected`: a class token at position 0 (A token 0) never merges; `distill`: a distillation token at
+    position 1 (B token 0) receives no merge, as ToMe's `scores[..., :, 0] = -inf`."""
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[0::2], metric[1::2]
-    if b.shape[0] == 0:
+    if b.shape[0] - int(distill) <= 0:
         node_max, node_idx = torch.full((a.shape[0],), -math.inf), torch.zeros(a.shape[0], dtype=torch.long)
     else:
         scores = a @ b.T
         if protected:
             scores[0, :] = -math.inf
+        if distill:
+            scores[:, 0] = -math.inf
         node_max, node_idx = scores.max(dim=-1)  # first maximum
     order = torch.sort(node_max, descending=True, stable=True).indices
-    return EdgeSet(node_max, node_idx, order, b.shape[0] > 0, protected)
+    return EdgeSet(node_max, node_idx, order, b.shape[0] - int(distill) > 0, protected, distill)
 
 
 def mergeable(e: EdgeSet) -> Tensor:
@@ -203,7 +209,7 @@ def take(e: EdgeSet, n: int) -> Matching:
     src, unm = e.order[:n], e.order[n:]
     if e.protected:
         unm = unm.sort().values
-    return Matching(src, e.node_idx[src], unm)
+    return Matching(src, e.node_idx[src], unm, e.distill)
 
 
 def merge_wavg(im: Image, m: Matching) -> None:
@@ -213,7 +219,10 @@ def merge_wavg(im: Image, m: Matching) -> None:
         ya, yb = y[0::2], y[1::2]
         index = m.dst.reshape(-1, *([1] * (y.dim() - 1))).expand(-1, *y.shape[1:])
         yb = yb.scatter_reduce(0, index, ya[m.src], reduce=reduce, include_self=True)
-        return torch.cat([ya[m.unm], yb])
+        unm = ya[m.unm]
+        if m.distill:  # ToMe keeps [CLS, distillation token] in front: [unm[0], dst[0], unm[1:], dst[1:]]
+            return torch.cat([unm[:1], yb[:1], unm[1:], yb[1:]])
+        return torch.cat([unm, yb])
 
     x = merge(im.x * im.size[:, None], "sum")
     size = merge(im.size, "sum")
@@ -252,10 +261,14 @@ def reference_forward(model, img: Tensor, options: dict) -> ReferenceOutput:
             return
         name, r = plan[block]
         for im, k in zip(images, keys):
-            e = best_edges(k.mean(0), p == 1)
             if opts["mode"] == "r":
                 n = min(r, (im.x.shape[0] - p) // 2)  # ToMe: r <= (T - protected) // 2
-            else:
+                if n <= 0:  # ToMe returns do_nothing: same tokens, same order (no A/B rebuild)
+                    decisions[name].append(torch.full((length,), -1, dtype=torch.int64))
+                    kept[name].append(im.x.shape[0] - p)
+                    continue
+            e = best_edges(k.mean(0), p >= 1, p == 2)  # CLS protected; DeiT's distillation token too
+            if opts["mode"] != "r":
                 n = count_at_least(e, opts["threshold"], opts["inclusive"])
             m = take(e, n)
             decisions[name].append(tome_decision(e, m, length))

@@ -1,5 +1,10 @@
-"""TensorRT engine building and checking (optional: needs the TensorRT Python bindings, e.g. on a Jetson)."""
+"""TensorRT engine building and checking (optional: needs the TensorRT Python bindings, e.g. on a Jetson).
 
-from staticprune.trt.engine import TensorRTUnavailable, build_engine, require_tensorrt, verify_engine
+Torch-free: this package runs on the Jetson image, which has no PyTorch.
+"""
 
-__all__ = ["TensorRTUnavailable", "build_engine", "require_tensorrt", "verify_engine"]
+from staticprune.trt.engine import (StandardGraphNotFound, TensorRTUnavailable, TimingCacheError, build_engine,
+                                    find_standard_graph, require_tensorrt, verify_engine)
+
+__all__ = ["StandardGraphNotFound", "TensorRTUnavailable", "TimingCacheError", "build_engine", "find_standard_graph",
+           "require_tensorrt", "verify_engine"]
