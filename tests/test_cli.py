@@ -11,21 +11,9 @@ from onnx import helper, numpy_helper
 from staticprune.cli import main
 from staticprune.models import build_model
 from staticprune.models.checkpoints import to_layout
+from cli_helpers import one_error_line, run_cli
 
 TINY = ["--model", "segmenter-vit-t-linear", "--size", "32x48", "--classes", "3"]
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if not line.startswith("[staticprune]")]
-    assert len(lines) == 1, err
-    assert "error" in lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +34,12 @@ def test_export_writes_a_verified_linted_graph(exported):
 
 
 def test_lint_verify_bench_on_the_exported_file(exported, capsys, tmp_path):
-    code, out, _ = _run(capsys, "lint", str(exported), "--target", "orin-jp60")
+    code, out, _ = run_cli(capsys, "lint", str(exported), "--target", "orin-jp60")
     assert code == 0 and "0 error" in out
-    code, out, _ = _run(capsys, "verify", str(exported), "--inputs", "2", "--json", str(tmp_path / "v.json"))
+    code, out, _ = run_cli(capsys, "verify", str(exported), "--inputs", "2", "--json", str(tmp_path / "v.json"))
     assert code == 0 and "PASS: 2 input(s)" in out
     assert json.loads((tmp_path / "v.json").read_text())["ok"] is True
-    code, out, _ = _run(capsys, "bench", str(exported), "--repeats", "2", "--warmup", "1", "--json", str(tmp_path / "b.json"))
+    code, out, _ = run_cli(capsys, "bench", str(exported), "--repeats", "2", "--warmup", "1", "--json", str(tmp_path / "b.json"))
     result = json.loads((tmp_path / "b.json").read_text())
     assert code == 0 and result["gflops"] > 0
     assert {r["backend"] for r in result["latency"]} == {"pytorch-cpu", "onnxruntime-cpu"}
@@ -66,7 +54,7 @@ def test_verify_catches_a_tampered_graph(exported, capsys, tmp_path):
     init.CopyFrom(numpy_helper.from_array(arr, init.name))
     bad = tmp_path / "bad.onnx"
     onnx.save(proto, str(bad))
-    code, out, _ = _run(capsys, "verify", str(bad), "--inputs", "1")
+    code, out, _ = run_cli(capsys, "verify", str(bad), "--inputs", "1")
     assert code == 1 and "FAIL" in out
 
 
@@ -76,12 +64,12 @@ def test_lint_catches_a_planted_fault(capsys, tmp_path):
     graph = helper.make_graph([helper.make_node("NonZero", ["x"], ["y"], name="nz")], "g", [x], [y])
     path = tmp_path / "nz.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    code, out, _ = _run(capsys, "lint", str(path), "--target", "orin-jp6")
+    code, out, _ = run_cli(capsys, "lint", str(path), "--target", "orin-jp6")
     assert code == 1 and "NonZero" in out and "nz" in out
 
 
 def test_models_lists_every_name(capsys):
-    code, out, _ = _run(capsys, "models")
+    code, out, _ = run_cli(capsys, "models")
     assert code == 0 and "segvit-vit-l-atm" in out and "segmenter-vit-t-linear" in out
 
 
@@ -91,8 +79,8 @@ def out_path(tmp_path):
 
 
 def _assert_bad(capsys, out_path, *argv, contains):
-    code, _, err = _run(capsys, *argv)
-    line = _one_error_line(err)
+    code, _, err = run_cli(capsys, *argv)
+    line = one_error_line(err)
     assert code == 2
     assert contains in line, line
     assert not out_path.exists()
@@ -134,8 +122,8 @@ def test_mismatched_checkpoint(capsys, out_path, tmp_path):
 def test_existing_output_without_force(capsys, tmp_path):
     existing = tmp_path / "exists.onnx"
     existing.write_bytes(b"keep me")
-    code, _, err = _run(capsys, "export", *TINY, "-o", str(existing))
-    assert code == 2 and "--force" in _one_error_line(err)
+    code, _, err = run_cli(capsys, "export", *TINY, "-o", str(existing))
+    assert code == 2 and "--force" in one_error_line(err)
     assert existing.read_bytes() == b"keep me"
 
 
@@ -147,7 +135,7 @@ def test_argparse_errors_are_one_line_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["export", "--model", "segmenter-vit-t-linear"])
     assert exc.value.code == 2
-    _one_error_line(capsys.readouterr().err)
+    one_error_line(capsys.readouterr().err)
 
 
 def test_weights_load_into_the_exported_graph(capsys, tmp_path):
@@ -156,7 +144,7 @@ def test_weights_load_into_the_exported_graph(capsys, tmp_path):
     ckpt = tmp_path / "seg.pth"
     torch.save(to_layout(src, "segmenter"), ckpt)
     out = tmp_path / "w.onnx"
-    code, _, _ = _run(capsys, "export", *TINY, "--weights", str(ckpt), "-o", str(out))
+    code, _, _ = run_cli(capsys, "export", *TINY, "--weights", str(ckpt), "-o", str(out))
     assert code == 0
     import onnxruntime as ort
 
@@ -169,7 +157,7 @@ def test_weights_load_into_the_exported_graph(capsys, tmp_path):
 
 
 def test_demo_prints_the_summary_table(capsys, tmp_path):
-    code, out, _ = _run(capsys, "demo", "--model", "segmenter-vit-t-mask", "--size", "64x96", "--classes", "5",
+    code, out, _ = run_cli(capsys, "demo", "--model", "segmenter-vit-t-mask", "--size", "64x96", "--classes", "5",
                         "--repeats", "1", "-o", str(tmp_path))
     assert code == 0
     for row in ("lint orin-jp6  clean", "verify logits", "GFLOPs", "PyTorch CPU", "ORT CPU"):
@@ -185,8 +173,8 @@ def test_build_without_tensorrt_is_one_clear_line(exported, capsys, tmp_path):
     except ImportError:
         pass
     engine = tmp_path / "m.engine"
-    code, _, err = _run(capsys, "build", str(exported), "-o", str(engine))
-    assert code == 2 and "TensorRT" in _one_error_line(err)
+    code, _, err = run_cli(capsys, "build", str(exported), "-o", str(engine))
+    assert code == 2 and "TensorRT" in one_error_line(err)
     assert not engine.exists() and not (tmp_path / "m.engine.json").exists()
 
 
@@ -196,7 +184,7 @@ def test_raw_input_graph_normalises_inside(capsys, tmp_path):
     import onnxruntime as ort
 
     out = tmp_path / "raw.onnx"
-    assert _run(capsys, "export", *TINY, "--raw-input", "-o", str(out))[0] == 0
+    assert run_cli(capsys, "export", *TINY, "--raw-input", "-o", str(out))[0] == 0
     rgb = np.random.default_rng(0).uniform(0, 255, (1, 3, 32, 48)).astype(np.float32)
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": rgb})[0]
     model = build_model("segmenter-vit-t-linear", (32, 48), num_classes=3)

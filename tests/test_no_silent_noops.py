@@ -15,23 +15,11 @@ from staticprune.methods import (
 )
 from staticprune.methods.tome import calibrated_options as tome_calibrated_options
 from staticprune.models import build_model
+from cli_helpers import one_error_line, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 TINY = ["--model", "segmenter-vit-t-mask", "--size", "32x32", "--classes", "3"]
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if not line.startswith("[staticprune]")]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("staticprune: error: ")
-    return lines[0]
 
 
 # --------------------------------------------------------------------------------------------- options without effect
@@ -89,22 +77,22 @@ def test_calibrate_k_only_works_in_calibrate():
 
 def test_cli_export_refuses_an_option_the_mode_ignores(capsys, tmp_path):
     out = tmp_path / "x.onnx"
-    code, stdout, err = _run(capsys, "export", *TINY, "--method", "tome", "--opt", "mode=r", "--opt", "capacity=0.5",
+    code, stdout, err = run_cli(capsys, "export", *TINY, "--method", "tome", "--opt", "mode=r", "--opt", "capacity=0.5",
                              "-o", str(out))
-    line = _one_error_line(err)
+    line = _strict_error_line(err)
     assert code == 2 and "option capacity=0.5 has no effect" in line and "--opt mode=threshold" in line
     assert not out.exists() and stdout == ""
 
 
 def test_cli_refuses_an_option_without_a_method(capsys, tmp_path):
     out = tmp_path / "x.onnx"
-    code, _, err = _run(capsys, "export", *TINY, "--opt", "r=8", "-o", str(out))
-    line = _one_error_line(err)
+    code, _, err = run_cli(capsys, "export", *TINY, "--opt", "r=8", "-o", str(out))
+    line = _strict_error_line(err)
     assert code == 2 and "--opt r=8 has no effect without a method" in line and "--method" in line
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"method_options": {"r": [2]}}))
-    code, _, err = _run(capsys, "export", *TINY, "--config", str(config), "-o", str(out))
-    assert code == 2 and "names no method" in _one_error_line(err)
+    code, _, err = run_cli(capsys, "export", *TINY, "--config", str(config), "-o", str(out))
+    assert code == 2 and "names no method" in _strict_error_line(err)
     assert not out.exists()
 
 
@@ -152,16 +140,16 @@ def test_a_calibration_for_another_model_size_or_method_is_refused(tome_r_calibr
     argv = dict(zip(TINY[::2], TINY[1::2]))
     argv.update(dict(zip(override[::2], override[1::2])))
     out = tmp_path / "x.onnx"
-    code, _, err = _run(capsys, "export", *[a for kv in argv.items() for a in kv], "--config",
+    code, _, err = run_cli(capsys, "export", *[a for kv in argv.items() for a in kv], "--config",
                         str(tome_r_calibration), "-o", str(out))
-    line = _one_error_line(err)
+    line = _strict_error_line(err)
     assert code == 2 and expected in line and "calibrate" in line, line
     assert not out.exists()
 
 
 def test_calibrate_takes_the_largest_count_when_the_quantile_needs_more_images(capsys, tmp_path):
     out = tmp_path / "cal.json"
-    code, stdout, err = _run(capsys, "calibrate", "--model", "segmenter-vit-t-mask", "--size", "64x64", "--classes",
+    code, stdout, err = run_cli(capsys, "calibrate", "--model", "segmenter-vit-t-mask", "--size", "64x64", "--classes",
                              "3", "--method", "tome", "--opt", "mode=threshold", "--opt", "threshold=0.5", "--count",
                              "6", "--quantile", "0.99", "-o", str(out))
     assert code == 0, err
@@ -196,5 +184,11 @@ def test_capacity_rule_is_the_nearest_rank():
 
 def test_calibrate_refuses_count_0_without_images(capsys, tmp_path):
     out = tmp_path / "cal.json"
-    code, _, err = _run(capsys, "calibrate", *TINY, "--method", "tome", "--count", "0", "-o", str(out))
-    assert code == 2 and "--count 0" in _one_error_line(err) and not out.exists()
+    code, _, err = run_cli(capsys, "calibrate", *TINY, "--method", "tome", "--count", "0", "-o", str(out))
+    assert code == 2 and "--count 0" in _strict_error_line(err) and not out.exists()
+
+
+def _strict_error_line(err: str) -> str:
+    line = one_error_line(err)
+    assert line.startswith("staticprune: error: "), line
+    return line

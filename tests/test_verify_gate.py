@@ -18,6 +18,7 @@ from staticprune.reference import ReferenceOutput, reference_module
 from staticprune.verify.levels import l1_images
 from staticprune.verify.parity import VerifyReport, generated_inputs
 from staticprune.verify.report import ParityReport, l1_and_overflow
+from cli_helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
@@ -25,12 +26,6 @@ MODEL = "segmenter-vit-t-linear"
 # Threshold 0.99 merges (almost) nothing on random weights, so capacities 12 of 16 then 6 overflow at both points.
 OVERFLOWING = ["--method", "tome", "--opt", "mode=threshold", "--opt", "threshold=0.99", "--opt", "layers=1,3",
                "--opt", "capacities=12,6"]
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _export(path, size, *method_args):
@@ -73,7 +68,7 @@ def test_overflow_fails_naming_point_image_and_the_graphs_own_count(overflowing,
     for name in ("a.png", "b.png"):
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / name)
         images.append(tmp_path / name)
-    code, out, err = _run(capsys, "verify", str(overflowing), "--input", str(images[0]), "--input", str(images[1]),
+    code, out, err = run_cli(capsys, "verify", str(overflowing), "--input", str(images[0]), "--input", str(images[1]),
                           "--json", str(tmp_path / "v.json"))
     assert code == 1, out + err
     rows = _overflow_rows(out)
@@ -99,7 +94,7 @@ def test_overflow_fails_naming_point_image_and_the_graphs_own_count(overflowing,
 
 
 def test_allow_overflow_exits_0_and_still_reports_the_counts(overflowing, capsys, tmp_path):
-    code, out, _ = _run(capsys, "verify", str(overflowing), "--inputs", "1", "--allow-overflow",
+    code, out, _ = run_cli(capsys, "verify", str(overflowing), "--inputs", "1", "--allow-overflow",
                         "--json", str(tmp_path / "v.json"))
     assert code == 0, out
     x = generated_inputs((1, 3, 64, 64), 1, seed=1)[0]  # verify's generated input #1 (seed 0 + 1)
@@ -113,7 +108,7 @@ def test_allow_overflow_exits_0_and_still_reports_the_counts(overflowing, capsys
 
 
 def test_within_capacity_passes_with_l1_and_l2_rows(within_capacity, capsys, tmp_path):
-    code, out, _ = _run(capsys, "verify", str(within_capacity), "--inputs", "2", "--json", str(tmp_path / "v.json"))
+    code, out, _ = run_cli(capsys, "verify", str(within_capacity), "--inputs", "2", "--json", str(tmp_path / "v.json"))
     assert code == 0, out
     for point in ("layer1", "layer2"):
         assert re.search(rf"^L1\s+decision_{point}\s+2/2 image\(s\)\s+2/2 equal.*\s+ok$", out, re.M), out
@@ -131,7 +126,7 @@ def test_within_capacity_passes_with_l1_and_l2_rows(within_capacity, capsys, tmp
 
 @pytest.mark.parametrize("flag", [["--opt", "r=2"], ["--method", "algm"], ["--size", "64x64"]])
 def test_flags_a_graph_records_are_refused(within_capacity, capsys, tmp_path, flag):
-    code, out, err = _run(capsys, "verify", str(within_capacity), *flag, "--json", str(tmp_path / "v.json"))
+    code, out, err = run_cli(capsys, "verify", str(within_capacity), *flag, "--json", str(tmp_path / "v.json"))
     lines = [line for line in err.splitlines() if not line.startswith("[staticprune]")]
     assert code == 2 and len(lines) == 1 and f"{flag[0]} has no effect" in lines[0], err
     assert not (tmp_path / "v.json").exists() and out == ""
