@@ -130,7 +130,7 @@ def test_presets_and_k_resolution():
     assert resolve_k(CTSConfig(preset="cityscapes-1024-30"), (64, 64)) == 410
     assert resolve_k(CTSConfig(preset="cityscapes-768-30"), (48, 48)) == 230
     assert resolve_k(CTSConfig(preset="cityscapes-768"), (48, 48)) == 336
-    assert resolve_k(CTSConfig(), (64, 64)) == 410  # default: [000]'s 30 %
+    assert resolve_k(CTSConfig(), (64, 64)) == 410  # default: 30 % of the tokens, as [Poreba et al.] ran CTS
     assert resolve_k(CTSConfig(k=7), (8, 8)) == 7
     assert resolve_k(CTSConfig(tokens=40), (8, 8)) == 8  # ceil((64 - 40) / 3)
     with pytest.raises(ValueError, match="is for a 64x64 patch grid"):

@@ -106,7 +106,7 @@ def test_restore_tokens_is_one_gather():
 @pytest.mark.parametrize(
     "name,size,classes,expected",
     [
-        # published / analytic fvcore figures (architectures.md §6.3, §6.5)
+        # published / analytic fvcore figures (the papers' tables; see docs/foundation.md)
         ("segmenter-vit-t-mask", (512, 512), 150, 12.83),
         ("segmenter-vit-s-mask", (512, 512), 150, 38.62),
         ("segmenter-vit-b-mask", (512, 512), 150, 129.57),

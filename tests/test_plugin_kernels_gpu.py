@@ -1,4 +1,4 @@
-"""L3: the CUDA kernels in plugins/ against a pure-torch implementation of their contract (DESIGN §5).
+"""L3: the CUDA kernels in plugins/ against a pure-torch implementation of their contract.
 
 The contract is plugins/bipartiteMergePlugin/README.md and plugins/tokenUnmergePlugin/README.md; the oracle
 below (`reference_merge`, `reference_unmerge`) is written from those READMEs in plain torch (float64, loops per

@@ -20,7 +20,7 @@ from staticprune.policy_train import IGNORE, find_pairs, make_synthetic_dataset,
 from staticprune.verify.parity import generated_inputs, run_onnxruntime
 from test_cts import tiny_model
 
-# Official EfficientNet-Lite0 (architectures.md §5.1): inverted-residual repeats of stages 1-6.
+# Official EfficientNet-Lite0 (as the timm and official CTS weights lay it out): inverted-residual repeats of stages 1-6.
 REPEATS = (2, 2, 3, 3, 4, 1)
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
