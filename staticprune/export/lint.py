@@ -163,15 +163,15 @@ def lint_model(model: onnx.ModelProto | str | os.PathLike, target: str) -> LintR
     _check_io_shapes(ctx, model.graph, inferred.graph)
     _check_value_info_shapes(ctx, model.graph, inferred.graph)
     _check_dtypes(ctx, model, inferred.graph)
-    _check_fp16_decisions(ctx, model)
+    _check_fp16_decisions(ctx, model, inferred.graph)
     return LintReport(target=tgt.name, opset=opset, violations=ctx.violations)
 
 
-def _check_fp16_decisions(ctx: _Context, model: onnx.ModelProto) -> None:
+def _check_fp16_decisions(ctx: _Context, model: onnx.ModelProto, inferred: onnx.GraphProto) -> None:
     """Mixed-precision graphs: nothing discrete (comparisons, ranks, counts, indices) may be computed in FP16."""
     from staticprune.export.precision_check import fp16_decision_problems
 
-    for node, op, message in fp16_decision_problems(model):
+    for node, op, message in fp16_decision_problems(model, inferred):
         ctx.add("fp16-decision", node, op, message)
 
 

@@ -110,17 +110,23 @@ def export_to_proto(
     )
 
 
-def _static_shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:
-    """Fully static shapes of every tensor, inferred on a weightless copy (cheap even for ViT-L)."""
+def weightless_copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy whose large initializers keep their name, type and dims but no data: shape and type inference on it is
+    cheap even for ViT-L (small ones are kept: they may feed data propagation)."""
     light = onnx.ModelProto()
     light.CopyFrom(proto)
     for init in light.graph.initializer:
-        if init.ByteSize() > 4096:  # only shapes matter here; small ones may feed data propagation
+        if init.ByteSize() > 4096:
             init.ClearField("raw_data")
             init.data_location = onnx.TensorProto.DEFAULT
             del init.float_data[:]
             init.raw_data = b""
-    inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    return light
+
+
+def _static_shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:
+    """Fully static shapes of every tensor, inferred on a weightless copy."""
+    inferred = onnx.shape_inference.infer_shapes(weightless_copy(proto), data_prop=True)
     shapes = {i.name: list(i.dims) for i in proto.graph.initializer}
     for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         t = vi.type.tensor_type

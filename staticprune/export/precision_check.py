@@ -9,6 +9,8 @@ FP16). Token-reduction decisions read FP32 copies of the features instead (expli
 
 from __future__ import annotations
 
+from typing import Optional
+
 import onnx
 from onnx import TensorProto
 
@@ -18,25 +20,18 @@ DISCRETE_TYPES = {TensorProto.BOOL, TensorProto.INT8, TensorProto.INT16, TensorP
                   TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64}
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor, inferred on a weightless copy (types only; cheap for ViT-L)."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for init in light.graph.initializer:
-        if init.ByteSize() > 4096:
-            init.ClearField("raw_data")
-            del init.float_data[:]
-            del init.int32_data[:]
-            del init.int64_data[:]
-            init.data_location = TensorProto.DEFAULT
-            # keep the dims and type: a zero-filled raw payload of the right size would be needless work
-            init.raw_data = b""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
-    except Exception:  # noqa: BLE001 - a graph shape inference cannot handle still has declared types
-        inferred = light
+def _elem_types(model: onnx.ModelProto, inferred: Optional[onnx.GraphProto] = None) -> dict[str, int]:
+    """Element type of every tensor: from `inferred` (a shape-inferred graph the caller already has) or from
+    inference on a weightless copy."""
+    if inferred is None:
+        from staticprune.export.onnx_export import weightless_copy
+
+        try:
+            inferred = onnx.shape_inference.infer_shapes(weightless_copy(model), strict_mode=False).graph
+        except Exception:  # noqa: BLE001 - a graph shape inference cannot handle still has declared types
+            inferred = model.graph
     types = {i.name: i.data_type for i in model.graph.initializer}
-    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+    for vi in [*inferred.value_info, *inferred.input, *inferred.output]:
         if vi.type.HasField("tensor_type"):
             types[vi.name] = vi.type.tensor_type.elem_type
     for node in model.graph.node:
@@ -47,9 +42,10 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def fp16_decision_problems(model: onnx.ModelProto) -> list[tuple[str, str, str]]:
+def fp16_decision_problems(model: onnx.ModelProto,
+                           inferred: Optional[onnx.GraphProto] = None) -> list[tuple[str, str, str]]:
     """(node name, op type, message) for every place where FP16 decides something; empty for FP32 graphs."""
-    types = _elem_types(model)
+    types = _elem_types(model, inferred)
     if TensorProto.FLOAT16 not in types.values():
         return []
     problems = []
