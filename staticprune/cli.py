@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Sequence
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_TARGET = "orin-jp6"
+COMMAND_MODULES: tuple[str, ...] = ("triton_repo", "predict", "evaluate")  # staticprune/commands/<name>.py; see build_parser
 _command_line: Optional[str] = None  # the command being run, set by main()
 
 
@@ -152,7 +153,7 @@ def _model_config(args: argparse.Namespace):
         weights=weights, weights_layout=args.weights_layout, method=method, method_options=_absolute_paths(options),
         backbone_only=getattr(args, "backbone_only", False), weights_grid=grid,
         labels=getattr(args, "labels", False), raw_input=getattr(args, "raw_input", False),
-        precision=getattr(args, "precision", None) or "fp32",
+        precision=getattr(args, "precision", None) or "fp32", key_bias=getattr(args, "key_bias", None) or "add",
     )
 
 
@@ -361,6 +362,10 @@ def _export_plugin_graph(cfg, model, standard, out, opset, target, std_lint, rep
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if getattr(args, "buckets", None):
+        from staticprune.commands.export_buckets import cmd_export_buckets
+
+        return cmd_export_buckets(args)
     out = Path(args.output)
     if out.exists() and not args.force:
         raise UsageError(f"output '{out}' exists; pass --force to overwrite it")
@@ -769,6 +774,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         _check_writable(args.output, "output")
     if not 0.0 < args.quantile <= 1.0:
         raise UsageError(f"--quantile must be in (0, 1] (got {args.quantile})")
+    if args.buckets is not None:
+        _at_least(args.buckets, 1, "--buckets")
+    if args.bucket_growth is not None:
+        if args.buckets is not None:
+            raise UsageError("give either --buckets K (count quantiles) or --bucket-growth R (geometric), not both")
+        if not args.bucket_growth > 1.0:
+            raise UsageError(f"--bucket-growth must be > 1, e.g. 1.25 (got {args.bucket_growth})")
+    elif args.bucket_multiple != 64 and args.buckets is None:
+        raise UsageError("--bucket-multiple has no effect without --buckets K or --bucket-growth R")
+    _at_least(args.bucket_multiple, 1, "--bucket-multiple")
     out = Path(args.output)
     if out.exists() and not args.force:
         raise UsageError(f"output '{out}' exists; pass --force to overwrite it")
@@ -811,9 +826,26 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         print(rule.describe())
     print("recommended options: %s" % json.dumps(recommended, sort_keys=True))
+    buckets = {}
+    if args.buckets is not None or args.bucket_growth is not None:  # for 'export --buckets FILE' (docs/buckets.md)
+        from staticprune.export.buckets import bucket_capacities, geometric_buckets
+
+        if args.bucket_growth is not None:
+            buckets = {point: geometric_buckets(counts, args.bucket_growth, args.bucket_multiple, n_tokens)
+                       for point, counts in cal.kept.items()}
+        else:
+            buckets = {point: bucket_capacities(counts, args.buckets, args.bucket_multiple, n_tokens)
+                       for point, counts in cal.kept.items()}
+        rule_text = (f"each at most {args.bucket_growth:g}x the previous" if args.bucket_growth is not None
+                     else f"{args.buckets} count quantiles")
+        for point, values in buckets.items():
+            print(f"buckets {point}: {', '.join(str(v) for v in values)} ({rule_text}, multiple of "
+                  f"{args.bucket_multiple}, largest = all {n_tokens} patches)")
     _write_json(str(out), {"method": method, "method_options": recommended, "model": cfg.model, "size": list(cfg.size),
                            "classes": cfg.classes, "weights": cfg.weights, "quantile": args.quantile,
-                           "capacity_rule": rule.to_dict(), "images": cal.images, "source": source, "kept": stats})
+                           "capacity_rule": rule.to_dict(), "images": cal.images, "source": source, "kept": stats,
+                           **({"buckets": buckets, "bucket_multiple": args.bucket_multiple, "bucket_growth": args.bucket_growth,
+                               "kept_counts": cal.kept} if buckets else {})})
     return EXIT_OK
 
 
@@ -857,7 +889,7 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
 
 def cmd_methods_report(args: argparse.Namespace) -> int:
     from staticprune.bench.methods_report import (
-        MethodRow, bench_rows, format_table, measure_method, replace_between_markers, rows_to_json,
+        MethodRow, bench_rows, fill_from_bench, format_table, measure_method, replace_between_markers, rows_to_json,
     )
     from staticprune.fileio import write_bytes_atomic
     from staticprune.methods import available_methods
@@ -887,7 +919,22 @@ def cmd_methods_report(args: argparse.Namespace) -> int:
         bench_meta = {"file": args.from_bench, "command": results.get("meta", {}).get("command", "?")}
     t0 = time.perf_counter()
     rows = []
-    for method in chosen:
+    if args.from_report:  # L1, L2 and lint from an earlier report; the benchmark columns again from --from-bench
+        from staticprune.bench.methods_report import rows_from_report_json
+
+        try:
+            rows, meta = rows_from_report_json(Path(args.from_report).read_text())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"cannot read methods report '{args.from_report}': {exc}; pass the file that "
+                             "`staticprune methods-report --json` wrote") from None
+        rows = [r for r in rows if r.method in chosen]
+        for r in rows:
+            if r.method in bench and not r.error:
+                fill_from_bench(r, bench[r.method])
+        if bench_meta:
+            meta["bench"], meta["big_size"] = bench_meta, "{}x{}".format(*big)
+        meta["redrawn_by"] = "staticprune " + " ".join(sys.argv[1:])
+    for method in [] if args.from_report else chosen:
         with step(f"measuring {method}"):
             try:
                 rows.append(measure_method(method, args.cases, l2, big, big_model, images, args.quantile,
@@ -896,10 +943,11 @@ def cmd_methods_report(args: argparse.Namespace) -> int:
                 rows.append(MethodRow(method, error=f"{exc.__class__.__name__}: {exc}"))
     import torch
 
-    meta = {"command": "staticprune " + " ".join(sys.argv[1:]), "seconds": time.perf_counter() - t0,
-            "threads": torch.get_num_threads(), "cases": args.cases, "l2_size": f"{l2[0]}x{l2[1]}",
-            "big_model": big_model, "big_size": f"{big[0]}x{big[1]}", "quantile": args.quantile, "images": images,
-            "bench": bench_meta}
+    if not args.from_report:
+        meta = {"command": "staticprune " + " ".join(sys.argv[1:]), "seconds": time.perf_counter() - t0,
+                "threads": torch.get_num_threads(), "cases": args.cases, "l2_size": f"{l2[0]}x{l2[1]}",
+                "big_model": big_model, "big_size": f"{big[0]}x{big[1]}", "quantile": args.quantile,
+                "images": images, "bench": bench_meta}
     table = format_table(rows, meta)
     print(table)
     _write_json(args.json, json.loads(rows_to_json(rows, meta)))
@@ -925,52 +973,119 @@ def _plugin_libraries(paths: Sequence[str]) -> list[str]:
     return list(paths)
 
 
-def cmd_build(args: argparse.Namespace) -> int:
-    from staticprune.trt.engine import (StandardGraphNotFound, TensorRTUnavailable, TimingCacheError, build_engine,
-                                        find_standard_graph, graph_metadata, graph_precision, has_plugin_nodes,
-                                        require_tensorrt)
+@dataclass
+class _GraphBuild:
+    """One graph to build, checked (no TensorRT needed for the checks)."""
+    onnx: str
+    output: Path
+    metadata: dict
+    strongly_typed: bool
+    standard_graph: Optional[str]
 
-    proto = _load_onnx(args.onnx)
-    out = Path(args.output)
+
+def _check_graph_build(onnx_path: str, out: Path, args: argparse.Namespace, plugins: list[str]) -> _GraphBuild:
+    from staticprune.trt.engine import (StandardGraphNotFound, find_standard_graph, graph_metadata, graph_precision,
+                                        has_plugin_nodes)
+
+    proto = _load_onnx(onnx_path)
     if out.exists() and out.is_dir():
         raise UsageError(f"output '{out}' is a directory; give a file name like model.engine")
     if out.exists() and not args.force:
         raise UsageError(f"output '{out}' exists; pass --force to overwrite it")
-    plugins = _plugin_libraries(args.plugins or [])
     if has_plugin_nodes(proto) and not plugins:
-        raise UsageError(f"'{args.onnx}' has TensorRT plugin nodes; pass --plugins PATH (libstaticprune_plugins.so, "
+        raise UsageError(f"'{onnx_path}' has TensorRT plugin nodes; pass --plugins PATH (libstaticprune_plugins.so, "
                          "built with 'make plugins')")
-    if args.timing_cache and Path(args.timing_cache).is_dir():
-        raise UsageError(f"timing cache '{args.timing_cache}' is a directory; give a file name like orin.cache")
-    if args.workspace < 1:
-        raise UsageError(f"--workspace must be >= 1 MiB (got {args.workspace})")
-    meta = graph_metadata(proto)
     # A mixed-precision export carries its precisions in its tensor types: only a strongly typed build keeps them.
     strongly_typed = args.strongly_typed or graph_precision(proto) == "fp16"
-    standard_graph: Optional[str] = args.onnx
+    standard_graph: Optional[str] = onnx_path
     if has_plugin_nodes(proto):  # record the standard-op graph beside it, for `verify --engine`
         try:
-            standard_graph = str(find_standard_graph(str(out), args.onnx).path)
+            standard_graph = str(find_standard_graph(str(out), onnx_path).path)
         except StandardGraphNotFound:
             standard_graph = None
-            log(f"[staticprune] note: no standard-op graph found beside {args.onnx}; 'verify --engine' will need "
+            log(f"[staticprune] note: no standard-op graph found beside {onnx_path}; 'verify --engine' will need "
                 "--standard PATH")
-    try:
-        require_tensorrt()
-    except TensorRTUnavailable as exc:
-        raise UsageError(str(exc)) from None
-    if strongly_typed and args.fp16:
+    return _GraphBuild(onnx_path, out, graph_metadata(proto), strongly_typed, standard_graph)
+
+
+def _build_graph(job: _GraphBuild, args: argparse.Namespace, plugins: list[str]) -> Optional[dict]:
+    """Build one engine (+ sidecar) with build_engine; None (after one line on stderr) if TensorRT failed."""
+    from staticprune.trt.engine import TimingCacheError, build_engine
+
+    if job.strongly_typed and args.fp16:
         log("[staticprune] note: strongly typed build: --fp16 is not used, the graph's tensor types decide")
-    mode = " (strongly typed)" if strongly_typed else " (fp16)" if args.fp16 else ""
+    mode = " (strongly typed)" if job.strongly_typed else " (fp16)" if args.fp16 else ""
     try:
-        with step(f"building a TensorRT engine from {args.onnx}{mode}"):
-            sidecar = build_engine(args.onnx, str(out), fp16=args.fp16, strongly_typed=strongly_typed,
-                                   plugins=plugins, timing_cache=args.timing_cache, workspace_mb=args.workspace,
-                                   metadata=meta, standard_graph=standard_graph)
+        with step(f"building a TensorRT engine from {job.onnx}{mode}"):
+            return build_engine(job.onnx, str(job.output), fp16=args.fp16, strongly_typed=job.strongly_typed,
+                                plugins=plugins, timing_cache=args.timing_cache, workspace_mb=args.workspace,
+                                metadata=job.metadata, standard_graph=job.standard_graph)
     except TimingCacheError as exc:
         raise UsageError(str(exc)) from None
     except RuntimeError as exc:  # TensorRT could not parse or build the graph: a check that failed
         log(f"staticprune: {exc}")
+        return None
+
+
+def _build_pipeline(args: argparse.Namespace, plugins: list[str]) -> int:
+    """Every stage graph of a capacity-bucket pipeline folder, one engine beside each graph; then pipeline.json
+    names them (rewritten atomically, only after every engine was built) and pipeline.engines.txt lists them."""
+    from staticprune.runtime.buckets import ENGINE_MANIFEST_FILE, attach_engines, stage_graphs, write_engine_manifest
+
+    if args.output:
+        raise UsageError(f"'{args.onnx}' is a pipeline: its engines are written beside its stage graphs; drop -o")
+    graphs = stage_graphs(args.onnx)
+    for _, _, onnx_path in graphs:
+        if not Path(onnx_path).is_file():
+            raise UsageError(f"pipeline '{args.onnx}' lacks stage graph '{onnx_path}' named in pipeline.json; "
+                             "re-export the whole folder")
+    # every graph checked before any engine is built: a bad graph stops the command with nothing written
+    jobs = [_check_graph_build(onnx_path, Path(onnx_path).with_suffix(".engine"), args, plugins)
+            for _, _, onnx_path in graphs]
+    from staticprune.trt.engine import TensorRTUnavailable, require_tensorrt
+
+    try:
+        require_tensorrt()
+    except TensorRTUnavailable as exc:
+        raise UsageError(str(exc)) from None
+    seconds = 0.0
+    for n, job in enumerate(jobs, 1):
+        log(f"[staticprune] stage graph {n}/{len(jobs)}: {Path(job.onnx).name}")
+        sidecar = _build_graph(job, args, plugins)
+        if sidecar is None:  # pipeline.json still names the engines it named before
+            log(f"staticprune: stopped at {job.onnx}; pipeline.json was not changed")
+            return EXIT_CHECK_FAILED
+        seconds += float(sidecar.get("build_seconds", 0.0))
+    built = {job.output.resolve() for job in jobs}
+    attach_engines(args.onnx, engine_for=lambda onnx: onnx.with_suffix(".engine")
+                   if onnx.with_suffix(".engine").resolve() in built else None, plugins=plugins)
+    folder = write_engine_manifest(args.onnx).parent
+    print(f"wrote {len(jobs)} engines (+ .json sidecars) beside the stage graphs, built in {seconds:.1f} s; "
+          f"recorded them in {folder / 'pipeline.json'} and {folder / ENGINE_MANIFEST_FILE}")
+    return EXIT_OK
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from staticprune.trt.engine import TensorRTUnavailable, require_tensorrt
+
+    if args.timing_cache and Path(args.timing_cache).is_dir():
+        raise UsageError(f"timing cache '{args.timing_cache}' is a directory; give a file name like orin.cache")
+    if args.workspace < 1:
+        raise UsageError(f"--workspace must be >= 1 MiB (got {args.workspace})")
+    source = Path(args.onnx)
+    if source.is_dir() or source.name == "pipeline.json":  # a capacity-bucket pipeline (export --buckets)
+        return _build_pipeline(args, _plugin_libraries(args.plugins or []))
+    if not args.output:
+        raise UsageError("the following arguments are required: -o/--output (the engine file to write)")
+    out = Path(args.output)
+    plugins = _plugin_libraries(args.plugins or [])
+    job = _check_graph_build(args.onnx, out, args, plugins)
+    try:
+        require_tensorrt()
+    except TensorRTUnavailable as exc:
+        raise UsageError(str(exc)) from None
+    sidecar = _build_graph(job, args, plugins)
+    if sidecar is None:
         return EXIT_CHECK_FAILED
     print(f"wrote {out} and {out}.json (TensorRT {sidecar['tensorrt']}, built in {sidecar['build_seconds']:.1f} s)")
     return EXIT_OK
@@ -1045,8 +1160,19 @@ def cmd_bench_suite(args: argparse.Namespace) -> int:
     unknown = [m for m in chosen if m not in names]
     if unknown:
         raise UsageError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(names)}")
-    sizes = [_size(s) for s in (args.sizes or ("256x256,384x384" if args.quick else "768x768,1024x1024")).split(",")]
+    paper = args.operating_points == "paper"
+    default_sizes = ("256x256" if args.quick else "1024x1024") if paper else (
+        "256x256,384x384" if args.quick else "768x768,1024x1024")
+    sizes = [_size(s) for s in (args.sizes or default_sizes).split(",")]
     out_dir = Path(args.output_dir)
+    # paper operating points get their own README table, so that they never overwrite the calibrated one
+    marker = "operating-points-table" if paper else "performance-table"
+    if args.update_readme and not args.from_results:  # refuse before a long measurement, not after it
+        try:
+            replace_between_markers(Path(args.update_readme).read_text(), marker, "")
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot update '{args.update_readme}': {exc}; add the lines <!-- {marker}:start --> "
+                             f"and <!-- {marker}:end --> where the table belongs") from None
     from staticprune.fileio import write_bytes_atomic
 
     if args.from_results:  # regenerate tables and plots from an earlier run, measuring nothing
@@ -1060,12 +1186,13 @@ def cmd_bench_suite(args: argparse.Namespace) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         rows = run_suite(chosen, sizes, args.quick, args.images, args.quantile, args.classes, args.warmup,
-                         args.repeats, log)
+                         args.repeats, log, args.operating_points)
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
         meta = {"command": "staticprune " + " ".join(sys.argv[1:]), "seconds": time.perf_counter() - t0,
                 "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "gpu": gpu,
                 "repeats": args.repeats, "warmup": args.warmup, "quantile": args.quantile, "images": args.images,
-                "sizes": [f"{h}x{w}" for h, w in sizes]}
+                "sizes": [f"{h}x{w}" for h, w in sizes], "interleaved": True,
+                "operating_points": args.operating_points}
         write_bytes_atomic(rows_json(rows, meta).encode(), out_dir / "results.json")
     write_bytes_atomic(to_csv(rows).encode(), out_dir / "results.csv")
     table = to_markdown(rows, meta)
@@ -1074,10 +1201,17 @@ def cmd_bench_suite(args: argparse.Namespace) -> int:
     print(table)
     written = ["results.csv", "results.md"] if args.from_results else ["results.json", "results.csv", "results.md"]
     print(f"wrote {out_dir}: " + ", ".join(written + [Path(p).name for p in pngs]))
+    if args.from_results:
+        marker = "operating-points-table" if meta.get("operating_points") else "performance-table"
     if args.update_readme:
         readme = Path(args.update_readme)
-        write_bytes_atomic(replace_between_markers(readme.read_text(), "performance-table", table).encode(), readme)
-        log(f"[staticprune] updated the performance table in {readme}")
+        try:
+            text = replace_between_markers(readme.read_text(), marker, table)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot update '{readme}': {exc}; add the lines <!-- {marker}:start --> and "
+                             f"<!-- {marker}:end --> where the table belongs") from None
+        write_bytes_atomic(text.encode(), readme)
+        log(f"[staticprune] updated the {marker.replace('-', ' ')} in {readme}")
     return EXIT_CHECK_FAILED if any(r.error for r in rows) else EXIT_OK
 
 
@@ -1163,11 +1297,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                    help="fp16: FP16 network with every token decision in FP32 (explicit casts; build it strongly "
                         "typed), checked by the FP16 parity level")
+    p.add_argument("--key-bias", choices=["add", "channel"], default="add",
+                   help="how padding masks and log(size) reach the attention logits: add (an Add over the N x N "
+                        "logits, which TensorRT fuses into its MHA kernel; default) or channel (one extra query/key "
+                        "channel, no N x N pass: faster in ONNX Runtime CPU, not fused by TensorRT; "
+                        "docs/deployment.md)")
     p.add_argument("--verify-inputs", type=int, default=1, help="generated inputs for verification (default 1)")
     p.add_argument("--tol", type=float, default=None,
                    help="max abs error allowed (default 1e-4; 5e-2 with --precision fp16)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--json", help="write the lint and verify results as JSON")
+    p.add_argument("--buckets", action="append", metavar="FILE|LIST|POINT=LIST",
+                   help="export capacity buckets instead of one graph: -o names a folder that gets pipeline.json and "
+                        "one graph per stage and bucket; a calibration file (calibrate --buckets K), a list of "
+                        "patch-token capacities (512,1024,2304) for every reduction point, or POINT=LIST, "
+                        "repeatable (docs/buckets.md)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("lint", help="check an ONNX graph against a TensorRT target")
@@ -1215,6 +1359,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="directory of images (default: generated inputs)")
     p.add_argument("--count", type=int, default=16, help="images to use (default 16; 0 = all in --images)")
     p.add_argument("--quantile", type=float, default=0.99, help="capacity quantile (default 0.99)")
+    p.add_argument("--buckets", type=int, default=None, metavar="K",
+                   help="also choose K capacity buckets per reduction point for 'export --buckets FILE': count "
+                        "quantiles rounded up to --bucket-multiple, the largest = every patch (docs/buckets.md)")
+    p.add_argument("--bucket-growth", type=float, default=None, metavar="R",
+                   help="instead of --buckets K: geometric buckets from the smallest to the largest count, each at "
+                        "most R times the previous (e.g. 1.25), so no image inside the calibrated range runs at more "
+                        "than R times its own count; the largest = every patch (docs/buckets.md)")
+    p.add_argument("--bucket-multiple", type=int, default=64, metavar="M",
+                   help="round buckets up to a multiple of M patch tokens (default 64)")
     p.add_argument("-o", "--output", default="calibration.json", help="config file for 'export --config'")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_calibrate)
@@ -1238,12 +1391,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take kept tokens, GFLOPs and ORT latency from a bench-suite results.json instead of "
                         "measuring them again")
     p.add_argument("--bench-size", metavar="HxW", help="which size of --from-bench (default: its largest)")
+    p.add_argument("--from-report", metavar="REPORT_JSON",
+                   help="measure nothing: redraw the table from an earlier --json report (L1, L2, lint), taking the "
+                        "benchmark columns again from --from-bench when given")
     p.add_argument("--update-readme", metavar="README", help="replace the table between the methods-table markers")
     p.set_defaults(func=cmd_methods_report)
 
     p = sub.add_parser("build", help="build a TensorRT engine (needs TensorRT) with a JSON sidecar")
-    p.add_argument("onnx")
-    p.add_argument("-o", "--output", required=True, help="output .engine path")
+    p.add_argument("onnx", help="an exported graph, or a capacity-bucket pipeline folder (export --buckets): one "
+                                "engine per stage graph, written beside it and recorded in pipeline.json")
+    p.add_argument("-o", "--output", help="output .engine path (not for a pipeline folder)")
     p.add_argument("--fp16", action="store_true", help="weakly typed FP16 build (TensorRT picks layer precisions)")
     p.add_argument("--strongly-typed", action="store_true",
                    help="strongly typed network: the ONNX tensor types decide every layer's precision (automatic "
@@ -1267,6 +1424,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-readme", metavar="README", help="replace the table between the performance-table markers")
     p.add_argument("--from-results", metavar="RESULTS_JSON",
                    help="measure nothing: regenerate the tables, CSV, plots (and README table) from a results.json")
+    p.add_argument("--operating-points", choices=["paper"],
+                   help="paper: no eager reference; every method's capacities solved so that the static graph's FLOP "
+                        "reduction equals its paper's, timed beside the paper's Jetson AGX Orin ratio (default size "
+                        "1024x1024; README markers operating-points-table)")
     p.set_defaults(func=cmd_bench_suite)
 
     p = sub.add_parser("train-policy", help="train the CTS/dCTS policy network on image/label pairs")
@@ -1287,6 +1448,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="policy.pth")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_train_policy)
+
+    # Commands in their own modules: each defines add_parser(sub), imports nothing heavy at module level, and
+    # raises staticprune.cli.UsageError for bad input.
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"staticprune.commands.{name}").add_parser(sub)
 
     p = sub.add_parser("models", help="list model names")
     p.set_defaults(func=cmd_models)

@@ -37,6 +37,9 @@ class ModelConfig:
     decompose_layernorm: bool = False  # for TensorRT 8.5 (JetPack 5), which has no LayerNormalization
     raw_input: bool = False  # graph input is RGB in 0..255, normalised inside the graph
     precision: str = "fp32"  # fp16: FP16 network, FP32 decisions (models/precision.py)
+    # how padding masks and log(size) reach the attention logits: "add" (TensorRT fuses it) or "channel" (one extra
+    # query/key channel, no N x N elementwise pass: for ONNX Runtime CPU); staticprune/models/vit.py KEY_BIAS_FORMS
+    key_bias: str = "add"
 
     def validate(self) -> None:
         get_spec(self.model)
@@ -51,6 +54,10 @@ class ModelConfig:
 
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
+        from staticprune.models.vit import KEY_BIAS_FORMS
+
+        if self.key_bias not in KEY_BIAS_FORMS:
+            raise ValueError(f"--key-bias must be one of {', '.join(KEY_BIAS_FORMS)} (got {self.key_bias!r})")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -98,6 +105,10 @@ def build(cfg: ModelConfig) -> SegmentationModel:
     model.emit_labels = cfg.labels
     model.raw_input = cfg.raw_input
     model.set_decomposed_layernorm(cfg.decompose_layernorm)
+    if cfg.key_bias != "add":
+        from staticprune.models.vit import set_key_bias_form
+
+        set_key_bias_form(model, cfg.key_bias)
     if cfg.precision == "fp16":
         from staticprune.models.precision import to_mixed_precision
 

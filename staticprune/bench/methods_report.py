@@ -8,8 +8,11 @@ For each method:
   (decision-aware verify).
 * lint: that graph for orin-jp6 and orin-jp60.
 * kept tokens, GFLOPs, latency: at the large size, the eager reference's mean kept tokens at the last reduction
-  point; capacities calibrated from those runs (the chosen quantile); GFLOPs of the static graph at those
-  capacities; ONNX Runtime CPU median latency of the static graph and of the unreduced graph, measured in one run.
+  point and its GFLOPs (mean over the images: the paper's dynamic method); capacities calibrated from those runs
+  (the chosen quantile); GFLOPs of the static graph at those capacities; ONNX Runtime CPU median latency of the
+  static graph and of the unreduced graph, timed interleaved in one loop. The headline ratio is the measured
+  speedup divided by the REFERENCE's FLOP reduction; the slack (static / reference GFLOPs) says what the
+  capacities cost, and the graph's own ratio (speedup / static FLOP reduction) is shown beside it.
 
 Random weights (no pretrained weights can be downloaded here): kept-token counts reflect random features, not
 real images; the table says so.
@@ -26,14 +29,16 @@ from typing import Any, Callable, Optional
 import torch
 
 from staticprune.bench.flops import count_flops
-from staticprune.bench.latency import time_callable
+from staticprune.bench.latency import spread, time_interleaved
+from staticprune.bench.suite import NOISY_SPREAD, count_flops_call
 from staticprune.export.lint import lint_model
 from staticprune.export.onnx_export import export_to_proto, save_atomic
 from staticprune.methods import build_static_method, exact_options, method_module
 from staticprune.models import build_model
 from staticprune.reference import reference_module
 from staticprune.verify.levels import condition_mask_decoder, l1_compare, run_static
-from staticprune.verify.parity import generated_inputs, ort_session, verify_onnx
+from staticprune.runtime.ort import ort_session
+from staticprune.verify.parity import generated_inputs, verify_onnx
 
 # Which model family each method runs on (DToP and STEP need the SegViT ATM head).
 SEGVIT_METHODS = {"dtop", "step"}
@@ -58,9 +63,47 @@ class MethodRow:
     options: dict[str, Any] = field(default_factory=dict)
     gflops: Optional[float] = None
     gflops_unreduced: Optional[float] = None
+    gflops_reference: Optional[float] = None  # the eager reference's mean GFLOPs over the images
     ort_ms: Optional[float] = None
     ort_ms_unreduced: Optional[float] = None
+    ort_ms_unreduced_samples: list[float] = field(default_factory=list)  # interleaved with the static graph's
+    baseline_drift: Optional[float] = None  # from the benchmark row, when taken from one
     error: str = ""
+
+    @property
+    def flop_reduction_reference(self) -> Optional[float]:
+        if not self.gflops_unreduced or not self.gflops_reference:
+            return None
+        return self.gflops_unreduced / self.gflops_reference
+
+    @property
+    def flop_reduction_static(self) -> Optional[float]:
+        return self.gflops_unreduced / self.gflops if self.gflops_unreduced and self.gflops else None
+
+    @property
+    def slack(self) -> Optional[float]:
+        return self.gflops / self.gflops_reference if self.gflops and self.gflops_reference else None
+
+    @property
+    def speedup(self) -> Optional[float]:
+        return self.ort_ms_unreduced / self.ort_ms if self.ort_ms and self.ort_ms_unreduced else None
+
+    @property
+    def ratio(self) -> Optional[float]:
+        """ONNX Runtime speedup / the reference's FLOP reduction (1.0 = as fast as the paper's method's FLOPs)."""
+        return self.speedup / self.flop_reduction_reference if self.speedup and self.flop_reduction_reference else None
+
+    @property
+    def graph_ratio(self) -> Optional[float]:
+        return self.speedup / self.flop_reduction_static if self.speedup and self.flop_reduction_static else None
+
+    @property
+    def noisy(self) -> bool:
+        """The unreduced baseline varied by more than NOISY_SPREAD (its samples, or its drift within the bench run)."""
+        values = [self.baseline_drift or 0.0]
+        if len(self.ort_ms_unreduced_samples) > 1:
+            values.append(spread(self.ort_ms_unreduced_samples))
+        return max(values) > NOISY_SPREAD
 
 
 def _with_method(name: str, hw: tuple[int, int], classes: int, method: str, options: dict) -> torch.nn.Module:
@@ -126,11 +169,17 @@ def measure_method(method: str, cases: int, l2_size: tuple[int, int], big: tuple
     row.tokens = plain.grid[0] * plain.grid[1]
     kept: dict[str, list[int]] = {}
     ref = reference_module(method)
-    with torch.no_grad():
-        for img in generated_inputs((1, 3, *big), images, seed=50):
-            out = ref.reference_forward(plain, img, {})
-            for point, counts in out.kept.items():
-                kept.setdefault(point, []).extend(counts)
+    ref_gflops = []
+    for img in generated_inputs((1, 3, *big), images, seed=50):
+        holder: dict[str, Any] = {}
+
+        def run(img=img, holder=holder):
+            holder["out"] = ref.reference_forward(plain, img, {})
+
+        ref_gflops.append(count_flops_call(run))  # the kept tokens come from the same runs
+        for point, counts in holder["out"].kept.items():
+            kept.setdefault(point, []).extend(counts)
+    row.gflops_reference = sum(ref_gflops) / len(ref_gflops)
     if kept:
         last = list(kept)[-1]
         row.mean_kept = sum(kept[last]) / len(kept[last])
@@ -138,17 +187,19 @@ def measure_method(method: str, cases: int, l2_size: tuple[int, int], big: tuple
     static = _with_method(name, big, classes, method, row.options)
     row.gflops = count_flops(static, (1, 3, *big)).gflops
     row.gflops_unreduced = count_flops(plain, (1, 3, *big)).gflops
-    log(f"{method}: ONNX Runtime latency, static vs unreduced")
+    log(f"{method}: ONNX Runtime latency, static and unreduced interleaved")
     with tempfile.TemporaryDirectory() as tmp:
         x = generated_inputs((1, 3, *big), 1, seed=3)[0]
-        timings = {}
+        variants = {}
         for label, m in (("static", static), ("unreduced", plain)):
             path = os.path.join(tmp, f"{label}.onnx")
             save_atomic(export_to_proto(m, x, opset=17, output_names=m.output_names()).model, path)
             sess = ort_session(path)
             feeds = {sess.get_inputs()[0].name: x.numpy()}
-            timings[label] = time_callable(lambda: sess.run(None, feeds), label, warmup=1, repeats=repeats).median_ms
-        row.ort_ms, row.ort_ms_unreduced = timings["static"], timings["unreduced"]
+            variants[label] = ("onnxruntime-cpu", lambda sess=sess, feeds=feeds: sess.run(None, feeds))
+        timings = time_interleaved(variants, warmup=1, repeats=repeats)
+        row.ort_ms, row.ort_ms_unreduced = timings["static"].median_ms, timings["unreduced"].median_ms
+        row.ort_ms_unreduced_samples = timings["unreduced"].samples
     return row
 
 
@@ -175,33 +226,49 @@ def fill_from_bench(row: MethodRow, bench: dict) -> None:
     kept = list(bench["kept_reference"].values())
     row.mean_kept = kept[-1] if kept else None
     row.gflops, row.gflops_unreduced = bench["gflops_static"], bench["gflops_unreduced"]
+    row.gflops_reference = bench.get("gflops_reference") or None
     row.ort_ms = _median_of(bench, "onnxruntime-cpu", "static")
     row.ort_ms_unreduced = _median_of(bench, "onnxruntime-cpu", "unreduced")
+    row.ort_ms_unreduced_samples = next(
+        (list(t.get("samples", [])) for t in bench.get("timings", [])
+         if t["backend"] == "onnxruntime-cpu" and t["variant"] == "unreduced"), [])
+    row.baseline_drift = bench.get("baseline_drift", {}).get("onnxruntime-cpu")
+
+
+def _x(value: Optional[float], suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:.2f}{suffix}"
 
 
 def format_table(rows: list[MethodRow], meta: dict) -> str:
     head = ("| method | L1 (static = reference) | L2 (ORT = static) | lint orin-jp6 | lint orin-jp60 | "
-            "mean kept tokens | GFLOPs (static / unreduced) | ORT CPU ms (static / unreduced) |")
-    lines = [head, "|" + " --- |" * 8]
+            "mean kept tokens | GFLOPs unreduced / reference / static | FLOP reduction reference / static (slack) | "
+            "ORT CPU ms unreduced / static (speedup) | speedup ÷ reference FLOP reduction (graph only) |")
+    lines = [head, "|" + " --- |" * 10]
 
     def yes(v: Optional[bool]) -> str:
         return "n/a" if v is None else ("clean" if v else "**violations**")
 
     for r in rows:
         if r.error:
-            lines.append(f"| {r.method} | error: {r.error} | | | | | | |")
+            lines.append(f"| {r.method} | error: {r.error} | | | | | | | | |")
             continue
         l1 = f"{r.l1_equal}/{r.l1_cases - r.l1_overflow_cases} decisions equal, max abs {r.l1_max_abs:.1e}"
         if r.l1_overflow_cases:
             l1 += f" ({r.l1_overflow_cases} overflow cases excluded)"
         l2 = "n/a" if r.l2_ok is None else f"{'ok' if r.l2_ok else 'FAIL'}, {r.l2_decisions}, max abs {r.l2_max_abs:.1e}"
         kept = "n/a" if r.mean_kept is None else f"{r.mean_kept:.0f} / {r.tokens}"
-        flops = "n/a" if r.gflops is None else f"{r.gflops:.1f} / {r.gflops_unreduced:.1f} ({r.gflops_unreduced / r.gflops:.2f}x)"
-        lat = ("n/a" if r.ort_ms is None else
-               f"{r.ort_ms:.0f} / {r.ort_ms_unreduced:.0f} ({r.ort_ms_unreduced / r.ort_ms:.2f}x)")
-        lines.append(f"| {r.method} | {l1} | {l2} | {yes(r.lint_jp6)} | {yes(r.lint_jp60)} | {kept} | {flops} | {lat} |")
+        flops = ("n/a" if r.gflops is None else
+                 f"{r.gflops_unreduced:.1f} / {'n/a' if r.gflops_reference is None else f'{r.gflops_reference:.1f}'}"
+                 f" / {r.gflops:.1f}")
+        reduction = (f"{_x(r.flop_reduction_reference, 'x')} / {_x(r.flop_reduction_static, 'x')} "
+                     f"({_x(r.slack)})")
+        lat = "n/a" if r.ort_ms is None else f"{r.ort_ms_unreduced:.0f} / {r.ort_ms:.0f} ({_x(r.speedup, 'x')})"
+        ratio = f"**{_x(r.ratio)}** ({_x(r.graph_ratio)})" + (" noisy" if r.noisy else "")
+        lines.append(f"| {r.method} | {l1} | {l2} | {yes(r.lint_jp6)} | {yes(r.lint_jp60)} | {kept} | {flops} | "
+                     f"{reduction} | {lat} | {ratio} |")
     lines.append("")
-    lines.append(f"Generated by `{meta['command']}` ({meta['seconds']:.0f} s, {meta['threads']} CPU threads). "
+    redrawn = f"; table redrawn by `{meta['redrawn_by']}`" if meta.get("redrawn_by") else ""
+    lines.append(f"Generated by `{meta['command']}` ({meta['seconds']:.0f} s, {meta['threads']} CPU threads{redrawn}). "
                  f"L1: {meta['cases']} generated cases per method on ViT-T (SegViT-B for DToP/STEP) at 64x64/64x96/96x64, "
                  f"batch 1 and 2, capacities that hold every token, mask-decoder class embeddings redrawn at std 1 "
                  f"(`condition_mask_decoder`); L2 at {meta['l2_size']} with default options; kept tokens, GFLOPs and latency on "
@@ -210,7 +277,11 @@ def format_table(rows: list[MethodRow], meta: dict) -> str:
                     if not meta.get("bench") else
                     f"the model each method is paired with (column model of the performance table) at "
                     f"{meta['big_size']}, taken from `{meta['bench']['file']}`, written by `{meta['bench']['command']}`")
-                 + ". Random weights: kept-token counts describe random features, not real images.")
+                 + ". Speedup: unreduced / static ONNX Runtime CPU ms of one run; reference FLOP reduction: "
+                 "unreduced GFLOPs / the eager reference's mean GFLOPs over the images (the paper's dynamic method); "
+                 f"slack: static / reference GFLOPs; noisy: the unreduced baseline varied by more than "
+                 f"{100 * NOISY_SPREAD:.0f} % during the run. Random weights: kept-token counts describe random "
+                 "features, not real images.")
     return "\n".join(lines)
 
 
@@ -223,5 +294,20 @@ def replace_between_markers(text: str, marker: str, body: str) -> str:
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
+_DERIVED = ("flop_reduction_reference", "flop_reduction_static", "slack", "speedup", "ratio", "graph_ratio", "noisy")
+
+
+def rows_from_report_json(text: str) -> tuple[list[MethodRow], dict]:
+    """The rows and meta of a report written by `rows_to_json` (derived values are recomputed, not read)."""
+    data = json.loads(text)
+    rows = [MethodRow(**{k: v for k, v in d.items() if k not in _DERIVED}) for d in data["rows"]]
+    return rows, dict(data["meta"])
+
+
 def rows_to_json(rows: list[MethodRow], meta: dict) -> str:
-    return json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2)
+    def encode(r: MethodRow) -> dict:
+        d = asdict(r)
+        d.update({name: getattr(r, name) for name in _DERIVED})
+        return d
+
+    return json.dumps({"meta": meta, "rows": [encode(r) for r in rows]}, indent=2)

@@ -5,6 +5,19 @@ reference and the static graph: kept tokens per layer, GFLOPs (fvcore convention
 median after warm-up) on every backend available, and the ratio "measured speedup / FLOP reduction" (ideal 1.0).
 It also times the reduction steps themselves (the method's hook calls) as a share of the static module's latency.
 
+The headline ratio divides the static graph's speedup by the eager reference's FLOP reduction (the paper's dynamic
+method, at the tokens it keeps on each image): a static graph pays for its capacities, which hold more tokens than
+the average image keeps, and dividing by the graph's own FLOP reduction would hide that. The slack (static GFLOPs /
+reference GFLOPs) says how much; the graph's own ratio is kept as a secondary column.
+
+Every variant of a row (unreduced, eager reference, static) is timed round by round in one loop, and the unreduced
+model is timed again with every method, so a load spike on a shared machine hits all variants alike; a row whose
+unreduced samples vary by more than NOISY_SPREAD is reported as noisy instead of with a verdict.
+
+`operating_points="paper"` skips the reference and calibration: each method's capacities are solved so that the
+static graph's FLOP reduction equals its paper's (PAPER_OPERATING_POINTS), since a static graph's latency depends
+on its capacities, not on its weights.
+
 Backends: ONNX Runtime CPU (unreduced and static graphs), PyTorch CPU (unreduced, eager reference, static module),
 and, when an NVIDIA GPU is present, PyTorch CUDA fp16 (static module under a CUDA graph, eager reference, unreduced).
 """
@@ -27,12 +40,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from staticprune.bench.flops import count_flops, _bilinear_flops, _layer_norm_flops, _MAC_OPS
-from staticprune.bench.latency import time_callable
+from staticprune.bench.latency import spread, time_interleaved
 from staticprune.export.onnx_export import export_to_proto, save_atomic
 from staticprune.methods import build_static_method, method_module
 from staticprune.models import build_model
 from staticprune.reference import reference_module
-from staticprune.verify.parity import generated_inputs, ort_session
+from staticprune.runtime.ort import ort_session
+from staticprune.verify.parity import generated_inputs
 
 # The model each method is paired with in the papers (Segmenter mask decoder / SegViT ATM decoder).
 PAIRING = {
@@ -43,12 +57,16 @@ PAIRING = {
 QUICK_MODELS = {"segmenter-vit-b-mask": "segmenter-vit-s-mask"}
 
 
+NOISY_SPREAD = 0.2  # a row's unreduced baseline varying more than this (max/min - 1, or drift) is "noisy"
+
+
 @dataclass
 class Timing:
     backend: str
     variant: str  # unreduced | reference | static
     min_ms: float
     median_ms: float
+    samples: list[float] = field(default_factory=list)  # every timed run (ms), interleaved with the row's others
 
 
 @dataclass
@@ -71,17 +89,73 @@ class SuiteRow:
     ort_ops_ms_unreduced: dict[str, float] = field(default_factory=dict)
     gpu_error: str = ""  # why the CUDA timings are missing although a GPU is present
     error: str = ""
+    # backend -> |this row's unreduced median / the run's median of that baseline - 1| (set by mark_baseline_drift)
+    baseline_drift: dict[str, float] = field(default_factory=dict)
+    # paper mode: {"flop_reduction": target or None, "source", "orin_ratio", "orin_size", "solved": option name}
+    operating_point: dict[str, Any] = field(default_factory=dict)
 
     def latency(self, backend: str, variant: str) -> Optional[float]:
         return next((t.median_ms for t in self.timings if t.backend == backend and t.variant == variant), None)
 
-    def ratio(self, backend: str, variant: str = "static") -> Optional[float]:
-        """Measured speedup over the unreduced model divided by the FLOP reduction (1.0 = latency follows FLOPs)."""
+    @property
+    def flop_reduction_reference(self) -> Optional[float]:
+        """Unreduced GFLOPs / the eager reference's GFLOPs (its mean over the inputs: the paper's dynamic method)."""
+        return self.gflops_unreduced / self.gflops_reference if self.gflops_reference else None
+
+    @property
+    def flop_reduction_static(self) -> Optional[float]:
+        return self.gflops_unreduced / self.gflops_static if self.gflops_static else None
+
+    @property
+    def slack(self) -> Optional[float]:
+        """Static GFLOPs / reference GFLOPs: what the capacities cost beyond the tokens the images actually keep."""
+        return self.gflops_static / self.gflops_reference if self.gflops_static and self.gflops_reference else None
+
+    def speedup(self, backend: str, variant: str = "static") -> Optional[float]:
+        """Unreduced ms / `variant` ms, both measured on `backend` in the same interleaved loop."""
         base, mine = self.latency(backend, "unreduced"), self.latency(backend, variant)
-        flops = self.gflops_static if variant == "static" else self.gflops_reference
-        if not base or not mine or not flops:
-            return None
-        return (base / mine) / (self.gflops_unreduced / flops)
+        return base / mine if base and mine else None
+
+    def ratio(self, backend: str, variant: str = "static") -> Optional[float]:
+        """Measured speedup divided by the eager REFERENCE's FLOP reduction (1.0 = the static graph is as fast as
+        the paper's method would be if latency followed its FLOPs). Below the graph's own ratio by the slack."""
+        sp, fr = self.speedup(backend, variant), self.flop_reduction_reference
+        return sp / fr if sp and fr else None
+
+    def graph_ratio(self, backend: str) -> Optional[float]:
+        """Speedup of the static graph divided by its OWN FLOP reduction: how well latency follows the graph's
+        FLOPs, blind to its capacity slack (the suite's headline before it was replaced by `ratio`)."""
+        sp, fr = self.speedup(backend, "static"), self.flop_reduction_static
+        return sp / fr if sp and fr else None
+
+    def baseline_spread(self, backend: str) -> Optional[float]:
+        """How much this row's unreduced baseline varied: the larger of its own samples' (max - min) / min and its
+        drift from the run's other measurements of that baseline. None when no samples were recorded."""
+        timing = next((t for t in self.timings if t.backend == backend and t.variant == "unreduced"), None)
+        if timing is None or len(timing.samples) < 2:
+            return self.baseline_drift.get(backend)
+        return max(spread(timing.samples), self.baseline_drift.get(backend, 0.0))
+
+    def noisy(self, backend: str) -> bool:
+        value = self.baseline_spread(backend)
+        return value is not None and value > NOISY_SPREAD
+
+
+def mark_baseline_drift(rows: list["SuiteRow"]) -> None:
+    """Sets each row's `baseline_drift`: its unreduced median against the median over every row of the run that
+    measured the same baseline (model, size, backend). A row measured during a slow spell drifts even when its own
+    samples agree with each other."""
+    medians: dict[tuple[str, str, str], list[float]] = {}
+    for r in rows:
+        for t in r.timings:
+            if t.variant == "unreduced" and not r.error:
+                medians.setdefault((r.model, r.size, t.backend), []).append(t.median_ms)
+    for r in rows:
+        r.baseline_drift = {}
+        for t in r.timings:
+            values = medians.get((r.model, r.size, t.backend), [])
+            if t.variant == "unreduced" and len(values) > 1 and not r.error:
+                r.baseline_drift[t.backend] = abs(t.median_ms / statistics.median(values) - 1.0)
 
 
 class _GlobalOnlyTracker:
@@ -176,52 +250,71 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
+class BreakdownRecorder:
+    """Runs the static module with its hooks timed, one forward per `run()` call (so that it can be interleaved
+    with other variants), and turns the recorded runs into a Breakdown."""
+
+    def __init__(self, static: torch.nn.Module, x: torch.Tensor):
+        self.static, self.x = static, x
+        self.timed = _TimedHook(static.method)
+        self.runs: list[tuple[float, float, list[tuple[str, int, float, float]]]] = []  # (start, end, events)
+
+    def run(self) -> None:
+        inner, self.static.method = self.static.method, self.timed
+        try:
+            self.timed.reset()
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                self.static(self.x)
+                t1 = time.perf_counter()
+            self.runs.append((t0, t1, list(self.timed.events)))
+        finally:
+            self.static.method = inner
+
+    def result(self, decoder_ms: Optional[float], warmup: int) -> tuple[Breakdown, Timing, list[float], list[int]]:
+        """The breakdown over the runs after the first `warmup`, the PyTorch CPU timing, and the valid tokens
+        entering each MLP and the slots there (last run)."""
+        totals, steps, decodes, layers = [], {}, [], {}
+        timed_runs = self.runs[warmup:]
+        for t0, t1, events in timed_runs:
+            totals.append((t1 - t0) * 1e3)
+            run_steps: dict[str, float] = {}
+            previous_end = t0
+            for name, layer, start, end in events:
+                ms = (end - start) * 1e3
+                if name == "decode":
+                    decodes.append(ms)
+                    continue
+                run_steps[name] = run_steps.get(name, 0.0) + ms
+                # Compute between hook calls belongs to the layer whose hook ends it; `embed` (patch embedding
+                # plus the method's own input work) is counted as a step of layer 0.
+                entry = layers.setdefault(max(layer, 0), {"block_ms": [], "steps_ms": []})
+                if layer >= 0:
+                    entry["block_ms"].append((start - previous_end) * 1e3)
+                entry["steps_ms"].append(ms)
+                previous_end = end
+            for name, ms in run_steps.items():
+                steps.setdefault(name, []).append(ms)
+        per_layer = []
+        runs = max(1, len(timed_runs))
+        for layer in sorted(layers):
+            per_layer.append({"layer": layer, "block_ms": sum(layers[layer]["block_ms"]) / runs,
+                              "steps_ms": sum(layers[layer]["steps_ms"]) / runs})
+        breakdown = Breakdown(_median(totals), {k: _median(v) for k, v in steps.items()},
+                              _median(decodes) if decodes else None, decoder_ms if decodes else None, per_layer,
+                              dict(getattr(self.timed.inner, "step_names", {})))
+        timing = Timing("pytorch-cpu", "static", min(totals), _median(totals), list(totals))
+        return breakdown, timing, list(self.timed.valid), list(self.timed.slots)
+
+
 def time_static_breakdown(static, x: torch.Tensor, decoder_ms: Optional[float], warmup: int, repeats: int
                           ) -> tuple[Breakdown, Timing, list[float], list[int]]:
     """Runs the static module with its hooks timed; returns the breakdown, its PyTorch CPU timing, the valid
     tokens entering each MLP and the slots (capacity) there."""
-    timed = _TimedHook(static.method)
-    inner, static.method = static.method, timed
-    totals, steps, decodes, layers = [], {}, [], {}
-    try:
-        with torch.no_grad():
-            for i in range(warmup + repeats):
-                timed.reset()
-                t0 = time.perf_counter()
-                static(x)
-                t1 = time.perf_counter()
-                if i < warmup:
-                    continue
-                totals.append((t1 - t0) * 1e3)
-                run_steps: dict[str, float] = {}
-                previous_end = t0
-                for name, layer, start, end in timed.events:
-                    ms = (end - start) * 1e3
-                    if name == "decode":
-                        decodes.append(ms)
-                        continue
-                    run_steps[name] = run_steps.get(name, 0.0) + ms
-                    # Compute between hook calls belongs to the layer whose hook ends it; `embed` (patch embedding
-                    # plus the method's own input work) is counted as a step of layer 0.
-                    entry = layers.setdefault(max(layer, 0), {"block_ms": [], "steps_ms": []})
-                    if layer >= 0:
-                        entry["block_ms"].append((start - previous_end) * 1e3)
-                    entry["steps_ms"].append(ms)
-                    previous_end = end
-                for name, ms in run_steps.items():
-                    steps.setdefault(name, []).append(ms)
-    finally:
-        static.method = inner
-    per_layer = []
-    for layer in sorted(layers):
-        runs = max(1, repeats)
-        per_layer.append({"layer": layer, "block_ms": sum(layers[layer]["block_ms"]) / runs,
-                          "steps_ms": sum(layers[layer]["steps_ms"]) / runs})
-    breakdown = Breakdown(_median(totals), {k: _median(v) for k, v in steps.items()},
-                          _median(decodes) if decodes else None, decoder_ms if decodes else None, per_layer,
-                          dict(getattr(inner, "step_names", {})))
-    timing = Timing("pytorch-cpu", "static", min(totals), _median(totals))
-    return breakdown, timing, timed.valid, timed.slots
+    recorder = BreakdownRecorder(static, x)
+    for _ in range(warmup + repeats):
+        recorder.run()
+    return recorder.result(decoder_ms, warmup)
 
 
 def time_decoder(model, x: torch.Tensor, warmup: int, repeats: int) -> float:
@@ -249,46 +342,30 @@ def time_decoder(model, x: torch.Tensor, warmup: int, repeats: int) -> float:
 
 @dataclass
 class Unreduced:
-    """Measurements of the unreduced model at one size, shared by every method paired with it."""
+    """What is measured once for the unreduced model at one size and shared by every method paired with it. Its
+    latency is not: it is timed again, interleaved, with every method (see `measure`)."""
 
     gflops: float
     onnx_path: str
-    timings: list[Timing]
     decoder_ms: float
     ort_ops_ms: dict[str, float]
 
 
-def measure_unreduced(model_name: str, size: tuple[int, int], classes: int, x: torch.Tensor, warmup: int,
-                      repeats: int, tmp: str, log: Callable[[str], None]) -> Unreduced:
+def measure_unreduced(model_name: str, size: tuple[int, int], classes: int, x: torch.Tensor, tmp: str,
+                      log: Callable[[str], None]) -> Unreduced:
     plain = build_model(model_name, size, num_classes=classes).eval()
-    log(f"unreduced {model_name} {size[0]}x{size[1]}: export and timing")
+    log(f"unreduced {model_name} {size[0]}x{size[1]}: export, profile, decoder time")
     path = os.path.join(tmp, f"unreduced-{model_name}-{size[0]}x{size[1]}.onnx")
     save_atomic(export_to_proto(plain, x, output_names=plain.output_names()).model, path)
-    timings = [_time_ort(path, x, "unreduced", warmup, repeats)]
     ops = ort_op_profile(path, x, tmp)
-    decoder_ms = time_decoder(plain, x, 0, 1)  # this first PyTorch run is also the warm-up
-    with torch.no_grad():
-        st = time_callable(lambda: plain(x), "pytorch-cpu", max(0, warmup - 1), repeats)
-    timings.append(Timing("pytorch-cpu", "unreduced", st.min_ms, st.median_ms))
-    return Unreduced(count_flops(plain, (1, 3, *size)).gflops, path, timings, decoder_ms, ops)
-
-
-def _time_ort(path: str, x: torch.Tensor, variant: str, warmup: int, repeats: int) -> Timing:
-    sess = ort_session(path)
-    feeds = {sess.get_inputs()[0].name: x.numpy()}
-    st = time_callable(lambda: sess.run(None, feeds), "onnxruntime-cpu", warmup, repeats)
-    return Timing("onnxruntime-cpu", variant, st.min_ms, st.median_ms)
+    time_decoder(plain, x, 0, 1)  # warm-up
+    decoder_ms = time_decoder(plain, x, 0, 1)
+    return Unreduced(count_flops(plain, (1, 3, *size)).gflops, path, decoder_ms, ops)
 
 
 def ort_op_profile(path: str, x: torch.Tensor, tmp: str) -> dict[str, float]:
     """ms per ONNX op type in one ONNX Runtime CPU run (its built-in profiler; the run after one warm-up)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.enable_profiling = True
-    opts.profile_file_prefix = os.path.join(tmp, "ort-profile")
-    sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, profile_prefix=os.path.join(tmp, "ort-profile"))
     feeds = {sess.get_inputs()[0].name: x.numpy()}
     sess.run(None, feeds)
     sess.run(None, feeds)
@@ -315,7 +392,8 @@ def op_deltas(static: dict[str, float], unreduced: dict[str, float], top: int = 
 
 
 def _timings_gpu(row: SuiteRow, plain, static, ref_module, x, warmup: int, repeats: int) -> None:
-    """PyTorch CUDA fp16: the static module replayed as a CUDA graph, the eager reference, the unreduced model.
+    """PyTorch CUDA fp16: the static module replayed as a CUDA graph, the eager reference, the unreduced model,
+    timed interleaved.
 
     The unreduced model is captured as a CUDA graph too, so the comparison is static graph vs static graph; the
     eager reference cannot be captured (it synchronises on data-dependent shapes)."""
@@ -330,6 +408,7 @@ def _timings_gpu(row: SuiteRow, plain, static, ref_module, x, warmup: int, repea
             torch.cuda.synchronize()
         return run
 
+    variants: dict[str, tuple[str, Callable[[], object]]] = {}
     with torch.no_grad():
         for variant, model in (("unreduced", plain_gpu), ("static", static_gpu)):
             side = torch.cuda.Stream()
@@ -341,61 +420,199 @@ def _timings_gpu(row: SuiteRow, plain, static, ref_module, x, warmup: int, repea
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 model(xg)
-            st = time_callable(cuda_timer(graph.replay), "pytorch-cuda-fp16", max(warmup, 3), max(repeats, 20))
-            row.timings.append(Timing("pytorch-cuda-fp16", variant, st.min_ms, st.median_ms))
-        st = time_callable(cuda_timer(lambda: ref_module.reference_forward(plain_gpu, xg, {})),
-                           "pytorch-cuda-fp16", max(warmup, 3), max(repeats, 20))
-        row.timings.append(Timing("pytorch-cuda-fp16", "reference", st.min_ms, st.median_ms))
+            variants[variant] = ("pytorch-cuda-fp16", cuda_timer(graph.replay))
+        if ref_module is not None:
+            variants["reference"] = ("pytorch-cuda-fp16",
+                                     cuda_timer(lambda: ref_module.reference_forward(plain_gpu, xg, {})))
+        for variant, st in time_interleaved(variants, max(warmup, 3), max(repeats, 20)).items():
+            row.timings.append(Timing("pytorch-cuda-fp16", variant, st.min_ms, st.median_ms, st.samples))
+
+
+@dataclass(frozen=True)
+class PaperPoint:
+    """One row of [Poreba et al.]'s Jetson AGX Orin tables (PyTorch, batch 1): GFLOPs and FPS of the unreduced
+    model and of the method, Cityscapes, ViT-B."""
+
+    base_gflops: float
+    method_gflops: float
+    base_fps: float
+    method_fps: float
+    table: str
+
+    @property
+    def flop_reduction(self) -> float:
+        return self.base_gflops / self.method_gflops
+
+    @property
+    def orin_ratio(self) -> float:
+        """Speedup on the Orin divided by the FLOP reduction, as the suite's ratio (1.0 = latency follows FLOPs)."""
+        return (self.method_fps / self.base_fps) / self.flop_reduction
+
+
+# [Poreba et al.] Table 2.2 (1024x1024) and Table 2.1 (768x768): Segmenter ViT-B (mask transformer) for CTS, ALGM,
+# G2TM; SegViT ViT-B (ATM) for DToP, dCTS, STEP. Other sizes use the 1024x1024 operating points.
+POREBA_POINTS: dict[int, dict[str, PaperPoint]] = {
+    1024: {"cts": PaperPoint(776, 448, 1.2, 1.9, "Table 2.2"), "algm": PaperPoint(776, 381, 1.2, 2.2, "Table 2.2"),
+           "g2tm": PaperPoint(776, 424, 1.2, 2.0, "Table 2.2"), "dtop": PaperPoint(670, 500, 3.1, 3.4, "Table 2.2"),
+           "dcts": PaperPoint(670, 247, 3.1, 9.8, "Table 2.2"), "step": PaperPoint(670, 200, 3.1, 6.8, "Table 2.2")},
+    768: {"cts": PaperPoint(348, 172, 2.9, 5.3, "Table 2.1"), "algm": PaperPoint(348, 199, 2.9, 4.7, "Table 2.1"),
+          "g2tm": PaperPoint(348, 230, 2.9, 4.0, "Table 2.1"), "dtop": PaperPoint(301, 233, 8.0, 6.6, "Table 2.1"),
+          "dcts": PaperPoint(301, 182, 8.0, 15.0, "Table 2.1"), "step": PaperPoint(301, 149, 8.0, 7.3, "Table 2.1")},
+}
+# ToMe and LVTP are not in the Orin study: their operating points are their own papers' settings (the defaults).
+FIXED_POINTS: dict[str, tuple[dict[str, Any], str]] = {
+    "tome": ({"mode": "r", "r": [0.04]}, "[ToMe]: r = 8 of 196 tokens merged per block, scaled to the grid"),
+    "lvtp": ({"capacity_ratio": [0.54]},
+             "[LVTP] Table 2: -46.2 % GFLOPs (SAM ViT-H), applied to the tokens after the pruning point"),
+}
+# The option solved for each method, its range, and whether the FLOP reduction grows with it. ALGM keeps the
+# defaults' proportion between its two capacities (CLAP 0.85 : GBM 0.65); STEP takes dCTS's solved token capacity
+# for its dCTS stage and solves the capacity after its exit.
+SOLVED_KNOBS: dict[str, tuple[str, float, float, bool]] = {
+    "cts": ("reduction", 0.0, 0.75, True), "algm": ("gbm_capacity", 0.02, 0.76, False),
+    "g2tm": ("capacity", 0.02, 0.99, False), "dcts": ("capacity_ratio", 0.25, 1.0, False),
+    "dtop": ("capacity_ratio", 0.02, 1.0, False), "step": ("capacity_ratio", 0.02, 1.0, False),
+}
+
+
+def _knob_options(method: str, value: float, dcts_ratio: Optional[float]) -> dict[str, Any]:
+    name = SOLVED_KNOBS[method][0]
+    if method == "algm":
+        return {"gbm_capacity": value, "clap_capacity": round(value * 0.85 / 0.65, 4)}
+    if method in ("dtop", "step"):
+        out: dict[str, Any] = {name: [value]}
+        if method == "step":
+            out["token_capacity_ratio"] = dcts_ratio
+        return out
+    return {name: value}
+
+
+def solve_operating_point(method: str, model: torch.nn.Module, size: tuple[int, int], target: float,
+                          gflops_unreduced: float, dcts_ratio: Optional[float] = None, iterations: int = 12
+                          ) -> tuple[dict[str, Any], float]:
+    """The options whose static graph comes closest to `target` = unreduced GFLOPs / static GFLOPs, found by
+    bisection on the method's knob with the project's FLOP counter (meta device); and the reduction they give.
+    When the target lies beyond the knob's range, the end of the range that reduces most is returned."""
+    name, low, high, increasing = SOLVED_KNOBS[method]
+
+    def reduction(value: float) -> float:
+        model.method = build_static_method(method, _knob_options(method, value, dcts_ratio), model)
+        try:
+            return gflops_unreduced / count_flops(model, (1, 3, *size)).gflops
+        finally:
+            model.method = None
+
+    strongest = high if increasing else low
+    best_value, best = strongest, reduction(strongest)
+    if best >= target:
+        for _ in range(iterations):
+            mid = round((low + high) / 2, 4)
+            got = reduction(mid)
+            if abs(got - target) < abs(best - target):
+                best_value, best = mid, got
+            if (got < target) == increasing:
+                low = mid
+            else:
+                high = mid
+    return _knob_options(method, best_value, dcts_ratio), best
+
+
+def paper_operating_point(method: str, model_name: str, size: tuple[int, int], classes: int, solved: dict,
+                          gflops_unreduced: float, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(options, operating-point record) of `method` at its paper's operating point on this model and size.
+    `solved` caches dCTS's solution per (model, size), which STEP's dCTS stage reuses."""
+    if method in FIXED_POINTS:
+        options, source = FIXED_POINTS[method]
+        return dict(options), {"flop_reduction": None, "source": source, "orin_ratio": None, "orin_size": None,
+                               "solved": ""}
+    if method not in SOLVED_KNOBS:
+        raise ValueError(f"no paper operating point is known for '{method}'")
+    orin_size = 768 if size == (768, 768) else 1024
+    point = POREBA_POINTS[orin_size][method]
+    dcts_ratio = None
+    if method == "step":
+        if (model_name, size, "dcts") not in solved:
+            paper_operating_point("dcts", model_name, size, classes, solved, gflops_unreduced, log)
+        dcts_ratio = solved[model_name, size, "dcts"]["capacity_ratio"]
+    log(f"{method} {model_name} {size[0]}x{size[1]}: solving capacities for {point.flop_reduction:.2f}x fewer GFLOPs")
+    model = build_model(model_name, size, num_classes=classes)
+    options, _ = solve_operating_point(method, model, size, point.flop_reduction, gflops_unreduced, dcts_ratio)
+    solved[model_name, size, method] = options
+    return options, {"flop_reduction": point.flop_reduction, "source": f"[Poreba et al.] {point.table}",
+                     "orin_ratio": point.orin_ratio, "orin_size": f"{orin_size}x{orin_size}",
+                     "solved": SOLVED_KNOBS[method][0]}
 
 
 def measure(method: str, model_name: str, size: tuple[int, int], images: int, quantile: float, classes: int,
-            warmup: int, repeats: int, unreduced_cache: dict, tmp: str, log: Callable[[str], None]) -> SuiteRow:
+            warmup: int, repeats: int, unreduced_cache: dict, tmp: str, log: Callable[[str], None],
+            operating_points: Optional[str] = None, solved: Optional[dict] = None) -> SuiteRow:
+    """One row. Calibrated (default): the eager reference's kept tokens and GFLOPs over `images` generated inputs,
+    capacities at `quantile`. operating_points="paper": capacities solved to the paper's FLOP reduction, no
+    reference. Then every variant is timed interleaved (ORT unreduced/static, PyTorch unreduced/reference/static)."""
     plain = build_model(model_name, size, num_classes=classes).eval()
     row = SuiteRow(method, model_name, f"{size[0]}x{size[1]}", plain.grid[0] * plain.grid[1])
-    ref = reference_module(method)
     inputs = generated_inputs((1, 3, *size), max(1, images), seed=50)
     x = inputs[0]  # every latency below is measured on the first calibration image
     key = (model_name, size)
     if key not in unreduced_cache:
-        unreduced_cache[key] = measure_unreduced(model_name, size, classes, x, warmup, repeats, tmp, log)
+        unreduced_cache[key] = measure_unreduced(model_name, size, classes, x, tmp, log)
     base = unreduced_cache[key]
     row.gflops_unreduced = base.gflops
-    row.timings.extend(base.timings)
 
-    log(f"{method} {model_name} {row.size}: eager reference over {len(inputs)} image(s)")
-    kept: dict[str, list[int]] = {}
-    ref_gflops = []
-    for img in inputs:  # GFLOPs counted on the same runs that give the kept tokens
-        holder: dict[str, Any] = {}
+    ref = None
+    if operating_points == "paper":
+        row.options, row.operating_point = paper_operating_point(method, model_name, size, classes,
+                                                                 {} if solved is None else solved, base.gflops, log)
+    else:
+        ref = reference_module(method)
+        log(f"{method} {model_name} {row.size}: eager reference over {len(inputs)} image(s)")
+        kept: dict[str, list[int]] = {}
+        ref_gflops = []
+        for img in inputs:  # GFLOPs counted on the same runs that give the kept tokens
+            holder: dict[str, Any] = {}
 
-        def run(img=img, holder=holder):
-            holder["out"] = ref.reference_forward(plain, img, {})
+            def run(img=img, holder=holder):
+                holder["out"] = ref.reference_forward(plain, img, {})
 
-        ref_gflops.append(count_flops_call(run))
-        for point, counts in holder["out"].kept.items():
-            kept.setdefault(point, []).extend(counts)
-    row.kept_reference = {p: sum(c) / len(c) for p, c in kept.items()}
-    row.gflops_reference = sum(ref_gflops) / len(ref_gflops)
-    row.options = method_module(method).calibrated_options(kept, quantile, {})
+            ref_gflops.append(count_flops_call(run))
+            for point, counts in holder["out"].kept.items():
+                kept.setdefault(point, []).extend(counts)
+        row.kept_reference = {p: sum(c) / len(c) for p, c in kept.items()}
+        row.gflops_reference = sum(ref_gflops) / len(ref_gflops)
+        row.options = method_module(method).calibrated_options(kept, quantile, {})
     static = build_model(model_name, size, num_classes=classes)
     static.method = build_static_method(method, row.options, static)
     static.eval()
     row.gflops_static = count_flops(static, (1, 3, *size)).gflops
 
-    log(f"{method} {model_name} {row.size}: PyTorch CPU timing (static with its steps timed, eager reference)")
-    breakdown, timing, row.kept_per_layer_static, row.capacity_per_layer_static = time_static_breakdown(
-        static, x, base.decoder_ms, warmup, repeats)
+    log(f"{method} {model_name} {row.size}: exporting the static graph")
+    static_path = os.path.join(tmp, f"{method}-{size[0]}x{size[1]}.onnx")
+    save_atomic(export_to_proto(static, x, output_names=static.output_names()).model, static_path)
+    sessions = {"unreduced": ort_session(base.onnx_path), "static": ort_session(static_path)}
+    feeds = {k: {s.get_inputs()[0].name: x.numpy()} for k, s in sessions.items()}
+    recorder = BreakdownRecorder(static, x)
+    variants: dict[tuple[str, str], tuple[str, Callable[[], object]]] = {
+        ("onnxruntime-cpu", "unreduced"): ("onnxruntime-cpu",
+                                           lambda: sessions["unreduced"].run(None, feeds["unreduced"])),
+        ("onnxruntime-cpu", "static"): ("onnxruntime-cpu", lambda: sessions["static"].run(None, feeds["static"])),
+        ("pytorch-cpu", "unreduced"): ("pytorch-cpu", lambda: plain(x)),
+    }
+    if ref is not None:
+        variants["pytorch-cpu", "reference"] = ("pytorch-cpu", lambda: ref.reference_forward(plain, x, {}))
+    variants["pytorch-cpu", "static"] = ("pytorch-cpu", recorder.run)  # its hooks timed: the steps' share
+    log(f"{method} {model_name} {row.size}: timing {len(variants)} variants interleaved, "
+        f"{warmup} warm-up + {repeats} rounds")
+    with torch.no_grad():
+        stats = time_interleaved(variants, warmup, repeats)
+    for (backend, variant), st in stats.items():
+        if (backend, variant) != ("pytorch-cpu", "static"):
+            row.timings.append(Timing(backend, variant, st.min_ms, st.median_ms, st.samples))
+    breakdown, timing, row.kept_per_layer_static, row.capacity_per_layer_static = recorder.result(
+        base.decoder_ms, warmup)
     row.timings.append(timing)
     row.breakdown = breakdown
     row.reduction_share = breakdown.share
-    with torch.no_grad():
-        st = time_callable(lambda: ref.reference_forward(plain, x, {}), "pytorch-cpu", 0, repeats)  # warmed above
-    row.timings.append(Timing("pytorch-cpu", "reference", st.min_ms, st.median_ms))
-
-    log(f"{method} {model_name} {row.size}: exporting and timing the static graph in ONNX Runtime")
-    static_path = os.path.join(tmp, f"{method}-{size[0]}x{size[1]}.onnx")
-    save_atomic(export_to_proto(static, x, output_names=static.output_names()).model, static_path)
-    row.timings.append(_time_ort(static_path, x, "static", warmup, repeats))
+    sessions.clear()  # free both graphs before profiling
     row.ort_ops_ms_static = ort_op_profile(static_path, x, tmp)
     row.ort_ops_ms_unreduced = base.ort_ops_ms
     os.unlink(static_path)
@@ -409,9 +626,11 @@ def measure(method: str, model_name: str, size: tuple[int, int], images: int, qu
 
 
 def run_suite(methods: list[str], sizes: list[tuple[int, int]], quick: bool, images: int, quantile: float,
-              classes: int, warmup: int, repeats: int, log: Callable[[str], None]) -> list[SuiteRow]:
+              classes: int, warmup: int, repeats: int, log: Callable[[str], None],
+              operating_points: Optional[str] = None) -> list[SuiteRow]:
     rows: list[SuiteRow] = []
     unreduced_cache: dict = {}
+    solved: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             for method in methods:
@@ -420,9 +639,10 @@ def run_suite(methods: list[str], sizes: list[tuple[int, int]], quick: bool, ima
                     model_name = QUICK_MODELS.get(model_name, model_name)
                 try:
                     rows.append(measure(method, model_name, size, images, quantile, classes, warmup, repeats,
-                                        unreduced_cache, tmp, log))
+                                        unreduced_cache, tmp, log, operating_points, solved))
                 except Exception as exc:  # one broken method must not hide the others; the row says what failed
                     rows.append(SuiteRow(method, model_name, f"{size[0]}x{size[1]}", 0, error=f"{type(exc).__name__}: {exc}"))
+    mark_baseline_drift(rows)
     return rows
 
 
@@ -436,24 +656,40 @@ def _last_kept(r: SuiteRow) -> Optional[float]:
     return list(r.kept_reference.values())[-1] if r.kept_reference else None
 
 
+def _f(value: Optional[float], digits: int = 3) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+CSV_COLUMNS = ["method", "model", "size", "tokens", "mean_kept_reference", "gflops_unreduced", "gflops_reference",
+               "gflops_static", "flop_reduction_reference", "flop_reduction_static", "slack", "backend", "variant",
+               "min_ms", "median_ms", "samples_ms", "speedup", "speedup_over_reference_flop_reduction",
+               "speedup_over_static_flop_reduction", "baseline_spread", "noisy", "paper_flop_reduction",
+               "orin_ratio", "reduction_share", "error"]
+
+
 def to_csv(rows: list[SuiteRow]) -> str:
+    """One line per (row, backend, variant) timing. Ratios: the variant's speedup over the unreduced model of the
+    same backend, divided by the reference's FLOP reduction (headline) and by the static graph's (graph only)."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["method", "model", "size", "tokens", "mean_kept_reference", "gflops_unreduced", "gflops_reference",
-                     "gflops_static", "backend", "variant", "min_ms", "median_ms", "speedup_over_flop_reduction",
-                     "reduction_share", "error"])
+    writer.writerow(CSV_COLUMNS)
     for r in rows:
-        kept = _last_kept(r)
         if r.error:
-            writer.writerow([r.method, r.model, r.size, r.tokens] + [""] * 10 + [r.error])
+            writer.writerow([r.method, r.model, r.size, r.tokens] + [""] * (len(CSV_COLUMNS) - 5) + [r.error])
             continue
+        kept = _last_kept(r)
+        op = r.operating_point
         for t in r.timings:
-            ratio = r.ratio(t.backend, t.variant) if t.variant != "unreduced" else 1.0
-            writer.writerow([r.method, r.model, r.size, r.tokens, "" if kept is None else f"{kept:.1f}",
-                             f"{r.gflops_unreduced:.3f}", f"{r.gflops_reference:.3f}", f"{r.gflops_static:.3f}",
-                             t.backend, t.variant, f"{t.min_ms:.2f}", f"{t.median_ms:.2f}",
-                             "" if ratio is None else f"{ratio:.3f}",
-                             "" if r.reduction_share is None else f"{r.reduction_share:.4f}", ""])
+            measured = t.variant != "unreduced"
+            writer.writerow([
+                r.method, r.model, r.size, r.tokens, _f(kept, 1), _f(r.gflops_unreduced), _f(r.gflops_reference),
+                _f(r.gflops_static), _f(r.flop_reduction_reference), _f(r.flop_reduction_static), _f(r.slack),
+                t.backend, t.variant, f"{t.min_ms:.2f}", f"{t.median_ms:.2f}", ";".join(f"{v:.2f}" for v in t.samples),
+                _f(r.speedup(t.backend, t.variant)) if measured else "",
+                _f(r.ratio(t.backend, t.variant)) if measured else "",
+                _f(r.graph_ratio(t.backend)) if t.variant == "static" else "",
+                _f(r.baseline_spread(t.backend)), "yes" if r.noisy(t.backend) else "no",
+                _f(op.get("flop_reduction")), _f(op.get("orin_ratio")), _f(r.reduction_share, 4), ""])
     return buf.getvalue()
 
 
@@ -462,9 +698,12 @@ def _ms(r: SuiteRow, backend: str, variant: str) -> str:
     return "n/a" if v is None else f"{v:.0f}"
 
 
+def _x(value: Optional[float], suffix: str = "") -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.2f}{suffix}"
+
+
 def _ratio(r: SuiteRow, backend: str, variant: str = "static") -> str:
-    v = r.ratio(backend, variant)
-    return "n/a" if v is None else f"{v:.2f}"
+    return _x(r.ratio(backend, variant))
 
 
 def _verdict(value: Optional[float], target: float, below: bool = False) -> str:
@@ -474,56 +713,30 @@ def _verdict(value: Optional[float], target: float, below: bool = False) -> str:
     return ("yes" if ok else "**no**") + (f" ({100 * value:.1f}%)" if below else f" ({value:.2f})")
 
 
+def ratio_verdict(r: SuiteRow, backend: str) -> str:
+    """yes / **no** for speedup ÷ reference FLOP reduction >= TARGET_RATIO, or "noisy" when the row's unreduced
+    baseline varied by more than NOISY_SPREAD during the run (then the ratio says nothing either way)."""
+    value = r.ratio(backend)
+    if value is not None and r.noisy(backend):
+        return f"noisy ({value:.2f}; baseline varied {100 * r.baseline_spread(backend):.0f}%)"
+    return _verdict(value, TARGET_RATIO)
+
+
+def _spread(r: SuiteRow, backend: str) -> str:
+    v = r.baseline_spread(backend)
+    return "n/a" if v is None or math.isnan(v) else f"{100 * v:.0f}%"
+
+
 def static_over_eager(r: SuiteRow, backend: str) -> Optional[float]:
     ref, static = r.latency(backend, "reference"), r.latency(backend, "static")
     return ref / static if ref and static else None
 
 
-def to_markdown(rows: list[SuiteRow], meta: dict) -> str:
-    gpu_rows = any(r.latency("pytorch-cuda-fp16", "static") for r in rows)
-    head = ("| method | model | size | kept tokens (reference, last point) | GFLOPs unreduced / reference / static | "
-            "ORT CPU ms unreduced / static | speedup ÷ FLOP reduction, ORT static | PyTorch CPU ms unreduced / "
-            "reference / static | speedup ÷ FLOP reduction, PyTorch reference / static |")
-    ncol = 9
-    if gpu_rows:
-        head += " CUDA fp16 ms unreduced / reference / static | speedup ÷ FLOP reduction, CUDA static |"
-        ncol += 2
-    lines = ["**Latency and FLOPs**", "", head, "|" + " --- |" * ncol]
-    for r in rows:
-        if r.error:
-            lines.append(f"| {r.method} | {r.model} | {r.size} | error: {r.error} |" + " |" * (ncol - 4))
-            continue
-        kept = _last_kept(r)
-        line = (f"| {r.method} | {r.model} | {r.size} | {'n/a' if kept is None else f'{kept:.0f}'} / {r.tokens} | "
-                f"{r.gflops_unreduced:.1f} / {r.gflops_reference:.1f} / {r.gflops_static:.1f} | "
-                f"{_ms(r, 'onnxruntime-cpu', 'unreduced')} / {_ms(r, 'onnxruntime-cpu', 'static')} | "
-                f"{_ratio(r, 'onnxruntime-cpu')} | {_ms(r, 'pytorch-cpu', 'unreduced')} / "
-                f"{_ms(r, 'pytorch-cpu', 'reference')} / {_ms(r, 'pytorch-cpu', 'static')} | "
-                f"{_ratio(r, 'pytorch-cpu', 'reference')} / {_ratio(r, 'pytorch-cpu')} |")
-        if gpu_rows:
-            line += (f" {_ms(r, 'pytorch-cuda-fp16', 'unreduced')} / {_ms(r, 'pytorch-cuda-fp16', 'reference')} / "
-                     f"{_ms(r, 'pytorch-cuda-fp16', 'static')} | {_ratio(r, 'pytorch-cuda-fp16')} |")
-        lines.append(line)
-
-    lines += ["", "**Targets** (speedup ÷ FLOP reduction >= 0.9 per backend; static >= 2x eager reference at batch 1 "
-              "on GPU; reduction steps < 5% of latency)", "",
-              "| method | size | ratio >= 0.9, ORT CPU | ratio >= 0.9, PyTorch CPU | ratio >= 0.9, CUDA | "
-              "static >= 2x eager, CUDA (CPU for information) | reduction steps < 5% |", "|" + " --- |" * 7]
-    for r in rows:
-        if r.error:
-            continue
-        cpu = static_over_eager(r, "pytorch-cpu")
-        gpu = _verdict(static_over_eager(r, "pytorch-cuda-fp16"), TARGET_STATIC_OVER_EAGER_GPU)
-        lines.append(f"| {r.method} | {r.size} | {_verdict(r.ratio('onnxruntime-cpu'), TARGET_RATIO)} | "
-                     f"{_verdict(r.ratio('pytorch-cpu'), TARGET_RATIO)} | "
-                     f"{_verdict(r.ratio('pytorch-cuda-fp16'), TARGET_RATIO)} | {gpu} (CPU: "
-                     f"{'n/a' if cpu is None else f'{cpu:.2f}x'}) | "
-                     f"{_verdict(r.reduction_share, TARGET_STEP_SHARE, below=True)} |")
-
-    lines += ["", "**Reduction steps** (static module, PyTorch CPU, median ms per forward; `decode` is unmerge plus "
-              "the decoder, so only its excess over the unreduced model's decoder counts as a step)", "",
-              "| method | size | static forward ms | steps ms | decode ms / unreduced decoder ms | steps share |",
-              "|" + " --- |" * 6]
+def _steps_and_profile_tables(rows: list[SuiteRow]) -> list[str]:
+    lines = ["", "**Reduction steps** (static module, PyTorch CPU, median ms per forward; `decode` is unmerge plus "
+             "the decoder, so only its excess over the unreduced model's decoder counts as a step)", "",
+             "| method | size | static forward ms | steps ms | decode ms / unreduced decoder ms | steps share |",
+             "|" + " --- |" * 6]
     for r in rows:
         b = r.breakdown
         if r.error or b is None:
@@ -546,16 +759,131 @@ def to_markdown(rows: list[SuiteRow], meta: dict) -> str:
                 for d in (r.ort_ops_ms_unreduced, r.ort_ops_ms_static)]
         lines.append(f"| {r.method} | {r.size} | {sum(r.ort_ops_ms_unreduced.values()):.0f} / "
                      f"{sum(r.ort_ops_ms_static.values()):.0f} | {grew} | {core[0]:.0f} → {core[1]:.0f} |")
+    return lines
 
+
+def _footer(rows: list[SuiteRow], meta: dict, what: str) -> list[str]:
     gpu = "GPU: " + (meta["gpu"] if meta.get("gpu") else "none available in this run (no CUDA columns)")
-    lines += ["", f"Generated by `{meta['command']}` in {meta['seconds']:.0f} s on {meta['cpu']} ({meta['threads']} "
-              f"threads); {gpu}. Batch 1, median of {meta['repeats']} runs after {meta['warmup']} warm-up, all on "
-              f"the first calibration image. Capacities calibrated at the {meta['quantile']} quantile of the eager "
-              f"reference's kept tokens over {meta['images']} generated image(s); reference GFLOPs are its mean over "
-              "those images. Random weights: kept-token counts describe random features, not real images."]
+    timing = (f"Batch 1, median of {meta['repeats']} rounds after {meta['warmup']} warm-up round(s), all on the first "
+              "generated image; " + ("in each round every variant of the row runs once (the unreduced model "
+                                     "again for every method)" if meta.get("interleaved") else
+                                     "variants timed one after the other (results written before interleaving)"))
+    lines = ["", f"Generated by `{meta['command']}` in {meta['seconds']:.0f} s on {meta['cpu']} ({meta['threads']} "
+             f"threads); {gpu}. {timing}. {what} Random weights."]
     failed = [f"{r.method} {r.size}: {r.gpu_error}" for r in rows if r.gpu_error]
     if failed:
         lines += ["", "GPU timing failed for " + "; ".join(failed)]
+    return lines
+
+
+def to_markdown(rows: list[SuiteRow], meta: dict) -> str:
+    if meta.get("operating_points"):
+        return operating_points_markdown(rows, meta)
+    gpu_rows = any(r.latency("pytorch-cuda-fp16", "static") for r in rows)
+    head = ("| method | model | size | kept tokens (reference, last point) | GFLOPs unreduced / reference / static | "
+            "FLOP reduction reference / static (slack) | ORT CPU ms unreduced / static (speedup) | "
+            "**speedup ÷ reference FLOP reduction, ORT** | PyTorch CPU ms unreduced / reference / static | "
+            "**speedup ÷ reference FLOP reduction, PyTorch** reference / static | "
+            "speedup ÷ static FLOP reduction (graph only), ORT / PyTorch |")
+    ncol = 11
+    if gpu_rows:
+        head += " CUDA fp16 ms unreduced / reference / static | speedup ÷ reference FLOP reduction, CUDA static |"
+        ncol += 2
+    lines = ["**Latency and FLOPs** (speedup: unreduced ms / static ms on the same backend; reference FLOP reduction: "
+             "unreduced GFLOPs / the eager reference's GFLOPs at the tokens it keeps, mean over the images; slack: "
+             "static GFLOPs / reference GFLOPs)", "", head, "|" + " --- |" * ncol]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.method} | {r.model} | {r.size} | error: {r.error} |" + " |" * (ncol - 4))
+            continue
+        kept = _last_kept(r)
+        line = (f"| {r.method} | {r.model} | {r.size} | {'n/a' if kept is None else f'{kept:.0f}'} / {r.tokens} | "
+                f"{r.gflops_unreduced:.1f} / {r.gflops_reference:.1f} / {r.gflops_static:.1f} | "
+                f"{_x(r.flop_reduction_reference, 'x')} / {_x(r.flop_reduction_static, 'x')} ({_x(r.slack)}) | "
+                f"{_ms(r, 'onnxruntime-cpu', 'unreduced')} / {_ms(r, 'onnxruntime-cpu', 'static')} "
+                f"({_x(r.speedup('onnxruntime-cpu'), 'x')}) | **{_ratio(r, 'onnxruntime-cpu')}** | "
+                f"{_ms(r, 'pytorch-cpu', 'unreduced')} / {_ms(r, 'pytorch-cpu', 'reference')} / "
+                f"{_ms(r, 'pytorch-cpu', 'static')} | {_ratio(r, 'pytorch-cpu', 'reference')} / "
+                f"**{_ratio(r, 'pytorch-cpu')}** | {_x(r.graph_ratio('onnxruntime-cpu'))} / "
+                f"{_x(r.graph_ratio('pytorch-cpu'))} |")
+        if gpu_rows:
+            line += (f" {_ms(r, 'pytorch-cuda-fp16', 'unreduced')} / {_ms(r, 'pytorch-cuda-fp16', 'reference')} / "
+                     f"{_ms(r, 'pytorch-cuda-fp16', 'static')} | {_ratio(r, 'pytorch-cuda-fp16')} |")
+        lines.append(line)
+
+    lines += ["", "**Targets** (speedup ÷ reference FLOP reduction >= 0.9 per backend, \"noisy\" instead of a verdict "
+              f"when the row's unreduced baseline varied by more than {100 * NOISY_SPREAD:.0f}% during the run; static "
+              ">= 2x eager reference at batch 1 on GPU; reduction steps < 5% of latency)", "",
+              "| method | size | ratio >= 0.9, ORT CPU | ratio >= 0.9, PyTorch CPU | ratio >= 0.9, CUDA | "
+              "static >= 2x eager, CUDA (CPU for information) | reduction steps < 5% | "
+              "unreduced baseline varied, ORT / PyTorch |", "|" + " --- |" * 8]
+    for r in rows:
+        if r.error:
+            continue
+        cpu = static_over_eager(r, "pytorch-cpu")
+        gpu = _verdict(static_over_eager(r, "pytorch-cuda-fp16"), TARGET_STATIC_OVER_EAGER_GPU)
+        lines.append(f"| {r.method} | {r.size} | {ratio_verdict(r, 'onnxruntime-cpu')} | "
+                     f"{ratio_verdict(r, 'pytorch-cpu')} | {ratio_verdict(r, 'pytorch-cuda-fp16')} | {gpu} (CPU: "
+                     f"{'n/a' if cpu is None else f'{cpu:.2f}x'}) | "
+                     f"{_verdict(r.reduction_share, TARGET_STEP_SHARE, below=True)} | "
+                     f"{_spread(r, 'onnxruntime-cpu')} / {_spread(r, 'pytorch-cpu')} |")
+    lines += _steps_and_profile_tables(rows)
+    lines += _footer(rows, meta, f"Capacities calibrated at the {meta['quantile']} quantile of the eager reference's "
+                     f"kept tokens over {meta['images']} generated image(s); reference GFLOPs are its mean over those "
+                     "images. Kept-token counts describe random features, not real images.")
+    return "\n".join(lines)
+
+
+def _options_text(options: dict[str, Any]) -> str:
+    def value(v: Any) -> str:
+        if isinstance(v, (list, tuple)):
+            return ",".join(value(e) for e in v)
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    return " ".join(f"`{k}={value(v)}`" for k, v in options.items())
+
+
+def operating_points_markdown(rows: list[SuiteRow], meta: dict) -> str:
+    """The paper-operating-points table: capacities solved to each paper's FLOP reduction, measured speedup ÷ that
+    reduction beside [Poreba et al.]'s PyTorch-on-Jetson-AGX-Orin ratio for the same method."""
+    lines = ["**Paper operating points** (capacities solved so that the static graph's FLOP reduction equals the "
+             "paper's; ratio = measured speedup ÷ that FLOP reduction, 1.0 = latency follows FLOPs)", "",
+             "| method | model | size | paper's FLOP reduction (source) | options | GFLOPs unreduced / static "
+             "(reduction) | ORT CPU ms unreduced / static (speedup) | ratio, ORT CPU | PyTorch CPU ms unreduced / "
+             "static (speedup) | ratio, PyTorch CPU | ratio, PyTorch on Jetson AGX Orin ([Poreba et al.]) | "
+             "unreduced baseline varied, ORT / PyTorch |", "|" + " --- |" * 12]
+    gpu_rows = any(r.latency("pytorch-cuda-fp16", "static") for r in rows)
+    if gpu_rows:  # CUDA graphs of both, when a GPU was present
+        lines[2] += " CUDA fp16 ms unreduced / static (speedup) | ratio, CUDA fp16 |"
+        lines[3] += " --- | --- |"
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.method} | {r.model} | {r.size} | error: {r.error} |" + " |" * 8)
+            continue
+        op = r.operating_point
+        target = "none: the paper's options" if op.get("flop_reduction") is None else f"{op['flop_reduction']:.2f}x"
+        orin = ("not in that study" if op.get("orin_ratio") is None else
+                f"{op['orin_ratio']:.2f} ({op.get('orin_size')})")
+
+        def ratio(backend: str) -> str:
+            value = _x(r.graph_ratio(backend))
+            return f"{value} (noisy)" if r.noisy(backend) else value
+
+        lines.append(f"| {r.method} | {r.model} | {r.size} | {target} ({op.get('source', '?')}) | "
+                     f"{_options_text(r.options)} | {r.gflops_unreduced:.1f} / {r.gflops_static:.1f} "
+                     f"({_x(r.flop_reduction_static, 'x')}) | {_ms(r, 'onnxruntime-cpu', 'unreduced')} / "
+                     f"{_ms(r, 'onnxruntime-cpu', 'static')} ({_x(r.speedup('onnxruntime-cpu'), 'x')}) | "
+                     f"{ratio('onnxruntime-cpu')} | {_ms(r, 'pytorch-cpu', 'unreduced')} / "
+                     f"{_ms(r, 'pytorch-cpu', 'static')} ({_x(r.speedup('pytorch-cpu'), 'x')}) | "
+                     f"{ratio('pytorch-cpu')} | {orin} | {_spread(r, 'onnxruntime-cpu')} / "
+                     f"{_spread(r, 'pytorch-cpu')} |" + (
+                         f" {_ms(r, 'pytorch-cuda-fp16', 'unreduced')} / {_ms(r, 'pytorch-cuda-fp16', 'static')} "
+                         f"({_x(r.speedup('pytorch-cuda-fp16'), 'x')}) | {ratio('pytorch-cuda-fp16')} |"
+                         if gpu_rows else ""))
+    lines += _steps_and_profile_tables(rows)
+    lines += _footer(rows, meta, "Capacities solved by bisection with the project's FLOP counter (fvcore "
+                     "convention); ToMe and LVTP use their papers' options. \"noisy\": the row's unreduced baseline "
+                     f"varied by more than {100 * NOISY_SPREAD:.0f}% during the run.")
     return "\n".join(lines)
 
 
@@ -568,26 +896,37 @@ def plots(rows: list[SuiteRow], out_dir: str) -> list[str]:
 
     from staticprune.fileio import write_bytes_atomic
 
-    good = [r for r in rows if not r.error and r.kept_reference]
+    good = [r for r in rows if not r.error]
     written = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in good:
-        kept = list(r.kept_reference.values())[-1]
-        for variant, marker in (("static", "o"), ("unreduced", "s")):
-            v = r.latency("onnxruntime-cpu", variant)
-            if v is not None:
-                x = kept if variant == "static" else r.tokens
-                ax.scatter([x], [v], marker=marker)
-                ax.annotate(f"{r.method} {r.size}" if variant == "static" else f"unreduced {r.size}", (x, v), fontsize=7)
-    ax.set_xlabel("tokens (static: eager reference's kept tokens at the last reduction point)")
-    ax.set_ylabel("ONNX Runtime CPU latency, median ms")
-    ax.set_title("Latency vs kept tokens")
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    written.append(str(write_bytes_atomic(buf.getvalue(), os.path.join(out_dir, "latency_vs_tokens.png"))))
 
+    def save(fig, name: str) -> None:
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        written.append(str(write_bytes_atomic(buf.getvalue(), os.path.join(out_dir, name))))
+
+    with_kept = [r for r in good if r.kept_reference]
+    if with_kept:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in with_kept:
+            kept = list(r.kept_reference.values())[-1]
+            for variant, marker in (("static", "o"), ("unreduced", "s")):
+                v = r.latency("onnxruntime-cpu", variant)
+                if v is not None:
+                    x = kept if variant == "static" else r.tokens
+                    ax.scatter([x], [v], marker=marker)
+                    ax.annotate(f"{r.method} {r.size}" if variant == "static" else f"unreduced {r.size}", (x, v),
+                                fontsize=7)
+        ax.set_xlabel("tokens (static: eager reference's kept tokens at the last reduction point)")
+        ax.set_ylabel("ONNX Runtime CPU latency, median ms")
+        ax.set_title("Latency vs kept tokens")
+        save(fig, "latency_vs_tokens.png")
+
+    # Speedup against the FLOP reduction it should buy: the reference's (calibrated rows; the static graph's own
+    # reduction drawn hollow on the same speedup, so the horizontal gap is the slack) or the paper's (paper mode,
+    # with [Poreba et al.]'s Orin measurements of the same methods).
+    paper_mode = any(r.operating_point for r in good)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     top = 1.0
     style = {"onnxruntime-cpu": ("o", "tab:blue"), "pytorch-cpu": ("^", "tab:orange"),
@@ -595,29 +934,39 @@ def plots(rows: list[SuiteRow], out_dir: str) -> list[str]:
     for backend, (marker, color) in style.items():
         labelled = False
         for r in good:
-            base, mine = r.latency(backend, "unreduced"), r.latency(backend, "static")
-            if base and mine and r.gflops_static:
-                fr, sp = r.gflops_unreduced / r.gflops_static, base / mine
-                top = max(top, fr, sp)
-                ax.scatter([fr], [sp], marker=marker, color=color, label=None if labelled else backend)
+            sp = r.speedup(backend)
+            fr = r.flop_reduction_static if paper_mode else r.flop_reduction_reference
+            if not sp or not fr:
+                continue
+            top = max(top, fr, sp, r.flop_reduction_static or 1.0)
+            ax.scatter([fr], [sp], marker=marker, color=color, label=None if labelled else backend)
+            labelled = True
+            if not paper_mode and r.flop_reduction_static:
+                ax.scatter([r.flop_reduction_static], [sp], marker=marker, facecolors="none", edgecolors=color)
+                ax.plot([fr, r.flop_reduction_static], [sp, sp], color=color, linewidth=0.6)
+            if backend == "onnxruntime-cpu":
+                ax.annotate(f"{r.method} {r.size.split('x')[0]}", (fr, sp), fontsize=6, xytext=(3, -3),
+                            textcoords="offset points")
+    if paper_mode:
+        labelled = False
+        for r in good:
+            op = r.operating_point
+            if op.get("orin_ratio") and op.get("flop_reduction"):
+                fr = op["flop_reduction"]
+                ax.scatter([fr], [fr * op["orin_ratio"]], marker="x", color="black",
+                           label=None if labelled else "PyTorch on Jetson AGX Orin [Poreba et al.]")
                 labelled = True
-                if backend == "onnxruntime-cpu":
-                    ax.annotate(f"{r.method} {r.size.split('x')[0]}", (fr, sp), fontsize=6, xytext=(3, -3),
-                                textcoords="offset points")
     ax.plot([0.8, top * 1.2], [0.8, top * 1.2], "k--", linewidth=1, label="ideal (speedup = FLOP reduction)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(0.8, top * 1.2)
-    ax.set_ylim(0.5, top * 1.2)
-    ax.set_xlabel("FLOP reduction (unreduced GFLOPs / static GFLOPs), log scale")
+    ax.set_ylim(0.3, top * 1.2)
+    ax.set_xlabel("FLOP reduction, unreduced / " + ("static GFLOPs = the paper's" if paper_mode else
+                  "eager reference GFLOPs (hollow: / static GFLOPs)") + ", log scale")
     ax.set_ylabel("measured speedup (unreduced ms / static ms), log scale")
-    ax.set_title("Speedup vs FLOP reduction, static graphs")
+    ax.set_title("Speedup vs the paper's FLOP reduction" if paper_mode else "Speedup vs the reference's FLOP reduction")
     ax.legend(fontsize=7)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    written.append(str(write_bytes_atomic(buf.getvalue(), os.path.join(out_dir, "speedup_vs_flops.png"))))
+    save(fig, "speedup_vs_flops.png")
 
     # Per-layer time of the static module (largest size per method): transformer compute vs reduction steps.
     largest: dict[str, SuiteRow] = {}
@@ -643,11 +992,7 @@ def plots(rows: list[SuiteRow], out_dir: str) -> list[str]:
             ax.axis("off")
         axes.flat[0].legend(fontsize=6)
         fig.suptitle("Static module per layer, PyTorch CPU (the embed hook counts as a step of layer 0)", fontsize=9)
-        buf = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        written.append(str(write_bytes_atomic(buf.getvalue(), os.path.join(out_dir, "breakdown_per_layer.png"))))
+        save(fig, "breakdown_per_layer.png")
     return written
 
 
@@ -657,7 +1002,8 @@ def rows_from_json(text: str) -> tuple[list[SuiteRow], dict]:
     rows = []
     for d in data["rows"]:
         d = dict(d)
-        d.pop("ratios", None)
+        for derived in ("ratios", "graph_ratios", "derived"):
+            d.pop(derived, None)
         d["timings"] = [Timing(**t) for t in d.get("timings", [])]
         if d.get("breakdown"):
             b = {k: v for k, v in d["breakdown"].items() if k not in ("unmerge_ms", "share")}
@@ -670,9 +1016,17 @@ def rows_json(rows: list[SuiteRow], meta: dict) -> str:
     def encode(r: SuiteRow) -> dict:
         d = asdict(r)
         d["ratios"] = {f"{b}/{v}": r.ratio(b, v) for b in BACKENDS for v in ("static", "reference") if r.ratio(b, v)}
+        d["graph_ratios"] = {b: r.graph_ratio(b) for b in BACKENDS if r.graph_ratio(b)}
+        d["derived"] = {"flop_reduction_reference": r.flop_reduction_reference,
+                        "flop_reduction_static": r.flop_reduction_static, "slack": r.slack,
+                        "speedup": {f"{t.backend}/{t.variant}": r.speedup(t.backend, t.variant)
+                                    for t in r.timings if t.variant != "unreduced"},
+                        "baseline_spread": {b: r.baseline_spread(b) for b in BACKENDS if r.latency(b, "unreduced")},
+                        "noisy": {b: r.noisy(b) for b in BACKENDS if r.latency(b, "unreduced")}}
         if r.breakdown is not None:
             d["breakdown"]["unmerge_ms"] = r.breakdown.unmerge_ms
             d["breakdown"]["share"] = r.breakdown.share
         return d
 
-    return json.dumps({"meta": meta, "rows": [encode(r) for r in rows]}, indent=2, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
+    return json.dumps({"meta": meta, "rows": [encode(r) for r in rows]}, indent=2,
+                      default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))

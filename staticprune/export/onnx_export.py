@@ -45,7 +45,7 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 def export_to_proto(
     model: torch.nn.Module,
-    example: torch.Tensor,
+    example: torch.Tensor | tuple[torch.Tensor, ...],
     opset: int = 17,
     input_names: tuple[str, ...] = ("image",),
     output_names: list[str] | None = None,
@@ -63,6 +63,7 @@ def export_to_proto(
     from staticprune.ops.plugin_nodes import NAMESPACE, plugin_export
     model = model.eval()
     names = output_names or ["logits"]
+    args = example if isinstance(example, tuple) else (example,)  # a tuple: a graph with several inputs
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
         sink = io.StringIO()
@@ -71,17 +72,17 @@ def export_to_proto(
             if exporter == "torchscript" and plugins:
                 with plugin_export():
                     torch.onnx.export(
-                        model, (example,), path, dynamo=False, opset_version=opset, input_names=list(input_names),
+                        model, args, path, dynamo=False, opset_version=opset, input_names=list(input_names),
                         output_names=names, do_constant_folding=True, custom_opsets={NAMESPACE: 1},
                     )
             elif exporter == "torchscript":
                 torch.onnx.export(
-                    model, (example,), path, dynamo=False, opset_version=opset,
+                    model, args, path, dynamo=False, opset_version=opset,
                     input_names=list(input_names), output_names=names, do_constant_folding=True,
                 )
             elif exporter == "dynamo":
                 torch.onnx.export(
-                    model, (example,), path, dynamo=True, opset_version=opset,
+                    model, args, path, dynamo=True, opset_version=opset,
                     input_names=list(input_names), output_names=names, external_data=False,
                 )
             else:

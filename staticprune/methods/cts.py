@@ -175,12 +175,14 @@ def assemble_state(
     slots: int,
     cand_of_patch: Tensor,
     extras: dict[str, Tensor],
+    may_pad: bool = True,
 ) -> SharedTokenState:
     """Compact the kept candidates into `slots` slots, in candidate order; later slots are padding (size 0).
 
     cand (B, M, D) candidate tokens; cand_size (M,) patches per candidate; cand_rep (M,) top-left patch of each;
     keep (B, M) bool; cand_of_patch (B, N) the candidate that represents each patch. The caller guarantees that at
-    most `slots` candidates are kept.
+    most `slots` candidates are kept, and with may_pad=False that exactly `slots` are (no padding slot: the
+    backbone's attention then needs no key mask).
     """
     dest, count = stable_partition(keep)
     src = inverse_permutation(dest)[:, :slots]
@@ -194,7 +196,8 @@ def assemble_state(
     if prefix is not None:
         x = torch.cat([prefix, x], dim=1)
         size = torch.cat([torch.ones_like(size[:, :1]), size], dim=1)
-    return SharedTokenState(x=x, size=size, owner=owner, num_prefix=num_prefix, extras=extras, rep=rep)
+    return SharedTokenState(x=x, size=size, owner=owner, num_prefix=num_prefix, extras=extras, rep=rep,
+                            may_pad=may_pad)
 
 
 # --------------------------------------------------------------------------------------------- decoding
@@ -369,7 +372,8 @@ class CTS(SharingMethod):
         if self.expose_decisions:
             extras[f"decision_{POINT}"] = shared.to(torch.int32)
             extras[f"margin_{POINT}"] = top_k_margin(scores, shared)
-        return assemble_state(backbone, cand, self.cand_size, self.cand_rep, keep, self.tokens, cand_of_patch, extras)
+        return assemble_state(backbone, cand, self.cand_size, self.cand_rep, keep, self.tokens, cand_of_patch, extras,
+                              may_pad=self.may_pad)
 
 
 # Options that only `staticprune calibrate` reads (it builds the module without them).

@@ -21,6 +21,8 @@ class TokenState:
     owner:  (B, N0) int, for each original patch token the slot that represents it.
             None means the identity (slot = num_prefix + patch index).
     extras: method outputs that must reach the graph outputs (e.g. ``overflow``).
+    may_pad: False when no slot can be padding by construction (every size > 0, e.g. CTS's N - 3k tokens): the
+            attention then adds no key mask. Keep the default unless the method guarantees it.
     """
 
     x: Tensor
@@ -28,6 +30,7 @@ class TokenState:
     owner: Optional[Tensor] = None
     num_prefix: int = 0
     extras: dict[str, Tensor] = field(default_factory=dict)
+    may_pad: bool = True
 
     @property
     def valid(self) -> Optional[Tensor]:

@@ -72,16 +72,57 @@ class TokenHook(Protocol):
     def after_block(self, layer: int, state: TokenState) -> TokenState: ...
 
 
-def attention_bias(size: Optional[Tensor], proportional: bool, dtype: torch.dtype = torch.float32) -> Optional[Tensor]:
-    """(B, 1, 1, T) additive key bias: MASK_NEG on padding slots, log(size) if proportional attention.
+def attention_bias(size: Optional[Tensor], proportional: bool, dtype: torch.dtype = torch.float32,
+                   may_pad: bool = True) -> Optional[Tensor]:
+    """(B, 1, 1, T) additive key bias: MASK_NEG on padding slots, log(size) if proportional attention; None when
+    there is nothing to add (no sizes, or a sequence without padding slots and without proportional attention).
 
     Computed from the FP32 sizes, then cast to the attention's dtype (MASK_NEG and log(4096) fit FP16)."""
-    if size is None:
+    if size is None or not (may_pad or proportional):
         return None
-    bias = torch.where(size > 0, torch.zeros_like(size), torch.full_like(size, MASK_NEG))
-    if proportional:
-        bias = bias + torch.log(size.clamp(min=1.0))
+    if may_pad:
+        bias = torch.where(size > 0, torch.zeros_like(size), torch.full_like(size, MASK_NEG))
+        if proportional:
+            bias = bias + torch.log(size.clamp(min=1.0))
+    else:
+        bias = torch.log(size.clamp(min=1.0))
     return bias[:, None, None, :].to(dtype)
+
+
+# How a (B, 1, 1, T) key bias reaches the attention logits (`Attention.key_bias`, ModelConfig.key_bias):
+# "add":     scale * q @ k^T + bias, an elementwise Add over the (B, heads, T, T) logits. TensorRT fuses the pattern
+#            MatMul -> scale -> Add -> Softmax -> MatMul into its MHA kernel (head size 64), so the Add is free there.
+# "channel": the bias rides in one extra channel: [q * scale, 1] @ [k, bias]^T. Same logits (exact algebra), no
+#            (B, heads, T, T) elementwise pass; ONNX Runtime's CPU kernels run the Add as a separate pass over
+#            the logits that costs about as much as the Softmax. Head size 65 is not fused by TensorRT's MHA
+#            kernels (head size % 8 == 0), so this form is for ONNX Runtime graphs.
+KEY_BIAS_FORMS = ("add", "channel")
+
+
+def check_key_bias_form(form: str) -> str:
+    if form not in KEY_BIAS_FORMS:
+        raise ValueError(f"key bias form {form!r} is not one of {', '.join(KEY_BIAS_FORMS)}")
+    return form
+
+
+def key_channel_logits(q: Tensor, k: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """scale * q @ k^T + bias as one matmul: q (B, H, T, hd), k (B, H, S, hd), bias (B, 1, 1, S) -> (B, H, T, S).
+
+    q is scaled before the product (exact for the head sizes here: scale = 1/8 is a power of two), so that the
+    bias column stays in FP16 range (MASK_NEG = -1e4) in a mixed-precision graph."""
+    b, h, t, _ = (int(d) for d in q.shape)
+    s = int(k.shape[2])
+    column = bias.to(k.dtype).reshape(b, 1, s, 1).expand(b, h, s, 1)
+    ones = torch.ones_like(q[..., :1])
+    return torch.cat([q * scale, ones], -1) @ torch.cat([k, column], -1).transpose(-2, -1)
+
+
+def set_key_bias_form(model: nn.Module, form: str) -> None:
+    """Use `form` ("add" or "channel") in every self-attention of `model` (backbone and decoder blocks)."""
+    check_key_bias_form(form)
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.key_bias = form
 
 
 def call_hook(step, layer: int, state: TokenState, *tensors: Tensor) -> TokenState:
@@ -105,15 +146,19 @@ class Attention(nn.Module):
         self.scale = (dim // heads) ** -0.5
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.key_bias = "add"  # how a key bias reaches the logits: KEY_BIAS_FORMS (set_key_bias_form)
 
     def forward(self, x: Tensor, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """Returns the attention output (B, T, D) and the keys (B, heads, T, head_dim)."""
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        logits = (q @ k.transpose(-2, -1)) * self.scale
-        if bias is not None:
-            logits = logits + bias.to(logits.dtype)  # no-op unless FP32 biases meet FP16 attention
+        if bias is not None and self.key_bias == "channel":
+            logits = key_channel_logits(q, k, bias, self.scale)
+        else:
+            logits = (q @ k.transpose(-2, -1)) * self.scale
+            if bias is not None:
+                logits = logits + bias.to(logits.dtype)  # no-op cast unless FP32 biases meet FP16 attention
         out = logits.softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(b, t, d)), k
 
@@ -147,7 +192,7 @@ class Block(nn.Module):
     def forward_state(
         self, layer: int, state: TokenState, hook: Optional[TokenHook], proportional: bool
     ) -> TokenState:
-        bias = attention_bias(state.size, proportional, state.x.dtype)
+        bias = attention_bias(state.size, proportional, state.x.dtype, state.may_pad)
         y, keys = self.attn(self.norm1(state.x), bias)
         state = state.with_x(state.x + y)
         if hook is not None:

@@ -352,11 +352,9 @@ def file_feeds(paths: Sequence[str], shape: Sequence[int], metadata: Mapping[str
 
 def run_reference(standard_graph: str, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """ONNX Runtime (CPU) on the standard-op graph."""
-    import onnxruntime as ort
+    from staticprune.runtime.ort import ort_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(standard_graph), sess_options=opts, providers=["CPUExecutionProvider"])
+    session = ort_session(standard_graph)
     names = [o.name for o in session.get_outputs()]
     return [dict(zip(names, session.run(names, dict(feed)))) for feed in feeds]
 

@@ -20,6 +20,7 @@ import onnx
 import torch
 
 # The comparison itself is numpy-only and shared with `verify --engine` (which must run without torch).
+from staticprune.runtime.ort import ort_session
 from staticprune.verify.decisions import OutputDiff, compare_outputs, is_decision
 from staticprune.verify.decisions import merge_diffs as _merge
 
@@ -68,15 +69,6 @@ class VerifyReport:
         rows += [f"note: {n}" for n in self.notes]
         rows.append(f"{'PASS' if self.ok else 'FAIL'}: {self.inputs} input(s), tolerance {self.tol:g} (abs)")
         return "\n".join(rows)
-
-
-def ort_session(model: onnx.ModelProto | str):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def run_onnxruntime(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray], session=None) -> dict[str, np.ndarray]:
