@@ -175,15 +175,20 @@ def _absolute_paths(options: dict) -> dict:
     return out
 
 
-def _grid(text: str) -> tuple[int, int]:
+def parse_pair(text: str, flag: str, unit: str) -> tuple[int, int]:
+    """'N' or 'HxW' (positive integers) -> (H, W); bad input is a UsageError naming the flag."""
     parts = text.lower().split("x")
     try:
         h, w = (int(p) for p in (parts * 2 if len(parts) == 1 else parts))
     except ValueError:
-        raise UsageError(f"--weights-grid '{text}' is not HxW in tokens (e.g. 32x32)") from None
+        raise UsageError(f"{flag} '{text}' is not N or HxW in {unit}") from None
     if h < 1 or w < 1:
-        raise UsageError(f"--weights-grid '{text}' must be positive")
+        raise UsageError(f"{flag} '{text}' must be positive")
     return h, w
+
+
+def _grid(text: str) -> tuple[int, int]:
+    return parse_pair(text, "--weights-grid", "tokens (e.g. 32x32)")
 
 
 def _check_method(method: str) -> None:

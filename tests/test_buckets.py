@@ -193,14 +193,15 @@ def test_bucket_capacities_are_rounded_quantiles_up_to_every_patch():
 def test_geometric_buckets_bound_the_slack_of_every_count_in_range():
     counts = [123, 277, 442, 870, 880, 1257]
     buckets = geometric_buckets(counts, 1.25, 64, 2304)
-    assert buckets == [128, 192, 256, 320, 448, 576, 768, 960, 1216, 1536, 2304]
-    # each bucket at most 1.25x the previous, rounded up to 64: any count from the smallest bucket up to the
-    # largest calibrated count runs in a bucket < 1.25 * count + 64
+    # down from the largest count's own bucket (1257 -> 1280), each >= the one above / 1.25, rounded up to 64
+    assert buckets == [128, 192, 256, 320, 384, 448, 512, 576, 704, 832, 1024, 1280, 2304]
+    # any count from the smallest bucket up to the largest calibrated count runs in a bucket < 1.25 * count + 64
     for count in range(128, 1258):
         bucket = min(b for b in buckets if b >= count)
         assert bucket < 1.25 * count + 64, (count, bucket)
     assert geometric_buckets([10], 2.0, 64, 100) == [64, 100]  # capped at N, N always last
-    assert geometric_buckets([100, 101], 1.01, 64, 512) == [128, 512]  # steps of one multiple when growth is finer
+    assert geometric_buckets([100, 101], 1.01, 64, 512) == [128, 512]
+    assert geometric_buckets([100, 300], 1.01, 64, 512) == [128, 192, 256, 320, 512]  # one multiple a step
     with pytest.raises(ValueError, match="must be > 1"):
         geometric_buckets(counts, 1.0, 64, 2304)
 

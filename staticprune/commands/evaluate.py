@@ -491,14 +491,9 @@ def parse_variants(text: Optional[str], method: Optional[str]) -> list[tuple[str
 def _stride(text: Optional[str]) -> Optional[tuple[int, int]]:
     if text is None:
         return None
-    parts = text.lower().split("x")
-    try:
-        h, w = (int(p) for p in (parts * 2 if len(parts) == 1 else parts))
-    except ValueError:
-        raise UsageError(f"--stride '{text}' is not N or HxW in pixels") from None
-    if h < 1 or w < 1:
-        raise UsageError(f"--stride must be >= 1 (got {text})")
-    return h, w
+    from staticprune.cli import parse_pair
+
+    return parse_pair(text, "--stride", "pixels")
 
 
 def _sizes(windows: set) -> str:

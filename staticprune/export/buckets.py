@@ -147,10 +147,10 @@ def bucket_capacities(counts: Sequence[int], buckets: int, multiple: int, num_pa
 
 
 def geometric_buckets(counts: Sequence[int], growth: float, multiple: int, num_patches: int) -> list[int]:
-    """Buckets that bound the slack: from the smallest count (rounded up to `multiple`), each bucket at most
-    `growth` times the previous one (rounded up), until one holds the largest count; then N. Any image whose count
-    lies in the calibrated range then runs at most `growth` times its own count (plus the rounding), however
-    its count falls between the calibration images' counts."""
+    """Buckets that bound the slack, built down from the largest count: its own bucket (rounded up to `multiple`),
+    then each bucket the smallest multiple >= the one above / `growth`, down to the smallest count; then N. The
+    worst calibration image runs at its own count (rounded), and any image whose count falls in the calibrated
+    range, also between the calibration images' counts, at fewer than `growth` x its count + `multiple` tokens."""
     if not growth > 1.0:
         raise BucketError(f"--bucket-growth must be > 1 (got {growth})")
     if multiple < 1:
@@ -160,14 +160,15 @@ def geometric_buckets(counts: Sequence[int], growth: float, multiple: int, num_p
         raise BucketError("no kept-token counts to choose buckets from")
 
     def round_up(value: float) -> int:
-        return min(num_patches, max(multiple, -(-int(math.floor(value)) // multiple) * multiple))
+        return min(num_patches, max(multiple, -(-math.ceil(value - 1e-9) // multiple) * multiple))
 
-    out = [round_up(ordered[0])]
-    while out[-1] < min(ordered[-1], num_patches):
-        nxt = round_up(out[-1] * growth)
-        if nxt <= out[-1]:  # the multiple is coarser than the growth here: step by one multiple
-            nxt = min(num_patches, out[-1] + multiple)
-        out.append(nxt)
+    lowest = round_up(ordered[0])
+    out = [round_up(ordered[-1])]
+    while out[-1] > lowest:
+        below = round_up(out[-1] / growth)
+        if below >= out[-1]:  # the multiple is coarser than the growth here: one multiple down
+            below = out[-1] - multiple
+        out.append(max(below, lowest))
     out.append(num_patches)
     return sorted(set(out))
 
