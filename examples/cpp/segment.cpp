@@ -21,47 +21,11 @@
 #include <string>
 #include <vector>
 
+#include "trt_example_common.h"
+
 namespace {
 
-class Logger : public nvinfer1::ILogger {
-  void log(Severity severity, const char* msg) noexcept override {
-    if (severity <= Severity::kWARNING) std::cerr << "[TensorRT] " << msg << "\n";
-  }
-};
-
-#define CHECK_CUDA(call)                                                                   \
-  do {                                                                                     \
-    cudaError_t status_ = (call);                                                          \
-    if (status_ != cudaSuccess) {                                                          \
-      std::cerr << "CUDA error " << cudaGetErrorString(status_) << " at " << #call << "\n"; \
-      std::exit(1);                                                                        \
-    }                                                                                      \
-  } while (0)
-
-std::vector<char> readFile(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) {
-    std::cerr << "cannot read " << path << "\n";
-    std::exit(2);
-  }
-  return std::vector<char>((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-}
-
-// Binary PPM (P6, maxval 255) -> interleaved RGB bytes.
-std::vector<uint8_t> readPpm(const std::string& path, int& width, int& height) {
-  std::ifstream f(path, std::ios::binary);
-  std::string magic;
-  int maxval = 0;
-  f >> magic >> width >> height >> maxval;
-  f.get();
-  if (!f || magic != "P6" || maxval != 255) {
-    std::cerr << path << " is not a binary 8-bit PPM (P6)\n";
-    std::exit(2);
-  }
-  std::vector<uint8_t> rgb(static_cast<size_t>(width) * height * 3);
-  f.read(reinterpret_cast<char*>(rgb.data()), static_cast<std::streamsize>(rgb.size()));
-  return rgb;
-}
+using namespace staticprune_example;
 
 void parseTriple(const char* text, float out[3]) {
   if (std::sscanf(text, "%f,%f,%f", &out[0], &out[1], &out[2]) != 3) {

@@ -128,20 +128,30 @@ def parse_bucket_list(text: str) -> list[int]:
     return values
 
 
-def bucket_capacities(counts: Sequence[int], buckets: int, multiple: int, num_patches: int) -> list[int]:
-    """Calibrated buckets: for i = 1..K-1 the nearest-rank i/(K-1) quantile of the counts rounded up to a multiple
-    of `multiple` (capped at N), then N itself; duplicates merged. K = 1 gives [N]."""
-    if buckets < 1:
-        raise BucketError(f"--buckets must be >= 1 (got {buckets})")
+def _sorted_counts(counts: Sequence[int], multiple: int) -> list[int]:
     if multiple < 1:
         raise BucketError(f"--bucket-multiple must be >= 1 (got {multiple})")
     ordered = sorted(int(c) for c in counts)
     if not ordered:
         raise BucketError("no kept-token counts to choose buckets from")
+    return ordered
+
+
+def _round_up(value: float, multiple: int, num_patches: int) -> int:
+    """The smallest multiple of `multiple` >= value (at least one multiple), capped at N."""
+    return min(num_patches, max(multiple, -(-math.ceil(value - 1e-9) // multiple) * multiple))
+
+
+def bucket_capacities(counts: Sequence[int], buckets: int, multiple: int, num_patches: int) -> list[int]:
+    """Calibrated buckets: for i = 1..K-1 the nearest-rank i/(K-1) quantile of the counts rounded up to a multiple
+    of `multiple` (capped at N), then N itself; duplicates merged. K = 1 gives [N]."""
+    if buckets < 1:
+        raise BucketError(f"--buckets must be >= 1 (got {buckets})")
+    ordered = _sorted_counts(counts, multiple)
     out = []
     for i in range(1, buckets):
         rank = max(1, math.ceil(i / (buckets - 1) * len(ordered) - 1e-9))
-        out.append(min(num_patches, -(-ordered[rank - 1] // multiple) * multiple))
+        out.append(_round_up(ordered[rank - 1], multiple, num_patches))
     out.append(num_patches)
     return sorted(set(out))
 
@@ -153,19 +163,11 @@ def geometric_buckets(counts: Sequence[int], growth: float, multiple: int, num_p
     range, also between the calibration images' counts, at fewer than `growth` x its count + `multiple` tokens."""
     if not growth > 1.0:
         raise BucketError(f"--bucket-growth must be > 1 (got {growth})")
-    if multiple < 1:
-        raise BucketError(f"--bucket-multiple must be >= 1 (got {multiple})")
-    ordered = sorted(int(c) for c in counts)
-    if not ordered:
-        raise BucketError("no kept-token counts to choose buckets from")
-
-    def round_up(value: float) -> int:
-        return min(num_patches, max(multiple, -(-math.ceil(value - 1e-9) // multiple) * multiple))
-
-    lowest = round_up(ordered[0])
-    out = [round_up(ordered[-1])]
+    ordered = _sorted_counts(counts, multiple)
+    lowest = _round_up(ordered[0], multiple, num_patches)
+    out = [_round_up(ordered[-1], multiple, num_patches)]
     while out[-1] > lowest:
-        below = round_up(out[-1] / growth)
+        below = _round_up(out[-1] / growth, multiple, num_patches)
         if below >= out[-1]:  # the multiple is coarser than the growth here: one multiple down
             below = out[-1] - multiple
         out.append(max(below, lowest))

@@ -19,14 +19,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from staticprune.runtime import read_json, usage_error
+
 PIPELINE_FILE = "pipeline.json"
 PIPELINE_FORMAT = "staticprune-buckets"
-
-
-def _usage_error(message: str) -> Exception:
-    from staticprune.cli import UsageError  # the CLI module imports only the standard library at module level
-
-    return UsageError(message)
 
 
 def pick_bucket(capacities: Sequence[int], counts: np.ndarray) -> int:
@@ -47,7 +43,7 @@ class _OrtGraph:
             self.session = ort_session(str(path), threads=threads)
         except Exception as exc:  # onnxruntime raises its own exception types
             detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else exc.__class__.__name__
-            raise _usage_error(f"stage graph '{path}' cannot be loaded by ONNX Runtime ({detail})") from None
+            raise usage_error(f"stage graph '{path}' cannot be loaded by ONNX Runtime ({detail})") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -67,7 +63,7 @@ class _EngineGraph:
         try:
             require_tensorrt()
         except TensorRTUnavailable as exc:
-            raise _usage_error(str(exc)) from None
+            raise usage_error(str(exc)) from None
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
         load_plugins(list(plugins))
@@ -93,14 +89,11 @@ class BucketedRunner:
         file = folder if folder.name == PIPELINE_FILE else folder / PIPELINE_FILE
         folder = file.parent
         if not file.is_file():
-            raise _usage_error(f"'{folder}' holds no {PIPELINE_FILE}; export a pipeline with 'staticprune export "
+            raise usage_error(f"'{folder}' holds no {PIPELINE_FILE}; export a pipeline with 'staticprune export "
                                "--buckets ... -o DIR'")
-        try:
-            spec = json.loads(file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _usage_error(f"'{file}' is not a readable JSON file ({exc.__class__.__name__})") from None
+        spec = read_json(file, f"'{file}'")
         if not isinstance(spec, dict) or spec.get("format") != PIPELINE_FORMAT or not spec.get("stages"):
-            raise _usage_error(f"'{file}' is not a staticprune capacity-bucket pipeline (format "
+            raise usage_error(f"'{file}' is not a staticprune capacity-bucket pipeline (format "
                                f"'{PIPELINE_FORMAT}' with stages)")
         self.spec = spec
         self.folder = folder
@@ -115,7 +108,7 @@ class BucketedRunner:
             self.suffix: str = str(spec["handoff_suffix"])
             points = [str(p["name"]) for p in spec["points"]]
         except (KeyError, TypeError, ValueError, IndexError):
-            raise _usage_error(f"'{file}' lacks size, mean, std, num_classes, points or state names; re-export "
+            raise usage_error(f"'{file}' lacks size, mean, std, num_classes, points or state names; re-export "
                                "it") from None
         self.metadata: dict[str, Any] = dict(spec.get("config") or {})
         self.points = points
@@ -125,11 +118,11 @@ class BucketedRunner:
         for stage in spec["stages"]:
             graphs = stage.get("graphs") or []
             if not graphs:
-                raise _usage_error(f"'{file}' has a stage with no graphs; re-export the pipeline")
+                raise usage_error(f"'{file}' has a stage with no graphs; re-export the pipeline")
             for g in graphs:
                 source = g.get("engine") or g.get("onnx")
                 if not source or not (folder / source).is_file():
-                    raise _usage_error(f"pipeline '{folder}' lacks stage graph '{source}' named in {PIPELINE_FILE}; "
+                    raise usage_error(f"pipeline '{folder}' lacks stage graph '{source}' named in {PIPELINE_FILE}; "
                                        "re-export the whole folder")
             self.stages.append(graphs)
         final = self.stages[-1][0].get("outputs") or ["logits"]
@@ -233,21 +226,21 @@ def engine_manifest_lines(path: str) -> list[str]:
              f"raw_input {int(runner.raw_input)}", "input image", "state " + " ".join(runner.state_inputs),
              f"suffix {runner.suffix}", "count count", "output " + " ".join(outputs)]
     if "count" not in runner.state_inputs:
-        raise _usage_error(f"'{runner.folder / PIPELINE_FILE}' hands over no 'count' state; re-export the pipeline")
+        raise usage_error(f"'{runner.folder / PIPELINE_FILE}' hands over no 'count' state; re-export the pipeline")
     lines += [f"point {k + 1} {name}" for k, name in enumerate(runner.points)]
     if len(runner.points) != len(runner.stages) - 1:
-        raise _usage_error(f"'{runner.folder / PIPELINE_FILE}' has {len(runner.stages)} stages for "
+        raise usage_error(f"'{runner.folder / PIPELINE_FILE}' has {len(runner.stages)} stages for "
                            f"{len(runner.points)} reduction points; re-export the pipeline")
     for k, graphs in enumerate(spec["stages"]):
         for g in graphs["graphs"]:
             if not g.get("engine"):
-                raise _usage_error(f"stage graph '{g.get('onnx')}' of '{runner.folder}' has no engine; build them "
+                raise usage_error(f"stage graph '{g.get('onnx')}' of '{runner.folder}' has no engine; build them "
                                    "all with 'staticprune build DIR'")
             names.append(Path(g["engine"]).as_posix())
             lines.append(f"stage {k} capacity {int(g['capacity']) if k else 0} engine {Path(g['engine']).as_posix()}")
     bad = next((n for n in names if not n or any(ch.isspace() for ch in n)), None)
     if bad is not None:  # the manifest is split at spaces
-        raise _usage_error(f"name '{bad}' in '{runner.folder / PIPELINE_FILE}' is empty or holds white space; "
+        raise usage_error(f"name '{bad}' in '{runner.folder / PIPELINE_FILE}' is empty or holds white space; "
                            "rename it (the C++ manifest separates words by spaces)")
     return lines
 

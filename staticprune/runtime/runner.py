@@ -19,15 +19,11 @@ from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from staticprune.runtime import read_json, usage_error
+from staticprune.runtime.buckets import PIPELINE_FILE
+
 METADATA_KEY = "staticprune"
 ENGINE_SUFFIXES = (".engine", ".plan")
-PIPELINE_FILE = "pipeline.json"
-
-
-def _usage_error(message: str) -> Exception:
-    from staticprune.cli import UsageError  # the CLI module imports only the standard library at module level
-
-    return UsageError(message)
 
 
 @runtime_checkable
@@ -52,7 +48,7 @@ class GraphFacts:
     def __init__(self, metadata: Mapping[str, Any], source: str, input_shape: Optional[Sequence[int]] = None):
         def field(key: str) -> Any:
             if key not in metadata:
-                raise _usage_error(f"'{source}' records no '{key}' in its staticprune metadata; re-export it with "
+                raise usage_error(f"'{source}' records no '{key}' in its staticprune metadata; re-export it with "
                                    "a current 'staticprune export'")
             return metadata[key]
 
@@ -64,16 +60,16 @@ class GraphFacts:
             classes = int(field("classes"))
             batch = int(metadata.get("batch", 1))
         except (TypeError, ValueError):
-            raise _usage_error(f"'{source}' has malformed staticprune metadata (size, classes, mean or std); "
+            raise usage_error(f"'{source}' has malformed staticprune metadata (size, classes, mean or std); "
                                "re-export it") from None
         if len(size) != 2 or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise _usage_error(f"'{source}' has malformed staticprune metadata (size {size}, mean {mean}, std {std})")
+            raise usage_error(f"'{source}' has malformed staticprune metadata (size {size}, mean {mean}, std {std})")
         if not raw_input and not ("mean" in metadata and "std" in metadata):
-            raise _usage_error(f"'{source}' records no mean/std to normalise images with; re-export it")
+            raise usage_error(f"'{source}' records no mean/std to normalise images with; re-export it")
         if input_shape is not None:
             shape = tuple(input_shape)
             if len(shape) != 4 or shape[1] != 3 or tuple(shape[2:]) != size:
-                raise _usage_error(f"'{source}' takes input {shape}; its metadata says (B, 3, {size[0]}, {size[1]})")
+                raise usage_error(f"'{source}' takes input {shape}; its metadata says (B, 3, {size[0]}, {size[1]})")
             batch = int(shape[0])
         self.size: tuple[int, int] = (size[0], size[1])
         self.mean: tuple[float, float, float] = (mean[0], mean[1], mean[2])
@@ -115,21 +111,21 @@ class OrtRunner(GraphFacts):
             session = ort_session(path, threads=threads, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
             detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else exc.__class__.__name__
-            raise _usage_error(f"'{path}' is not an ONNX graph ONNX Runtime can load ({detail})") from None
+            raise usage_error(f"'{path}' is not an ONNX graph ONNX Runtime can load ({detail})") from None
         text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if text is None:
-            raise _usage_error(f"'{path}' is not a staticprune export (no '{METADATA_KEY}' metadata); export it with "
+            raise usage_error(f"'{path}' is not a staticprune export (no '{METADATA_KEY}' metadata); export it with "
                                "'staticprune export'")
         try:
             metadata = json.loads(text)
         except json.JSONDecodeError:
-            raise _usage_error(f"'{path}' has unreadable staticprune metadata (not JSON)") from None
+            raise usage_error(f"'{path}' has unreadable staticprune metadata (not JSON)") from None
         inputs = session.get_inputs()
         if len(inputs) != 1:
-            raise _usage_error(f"'{path}' has {len(inputs)} inputs; a staticprune graph has one image input")
+            raise usage_error(f"'{path}' has {len(inputs)} inputs; a staticprune graph has one image input")
         shape = inputs[0].shape
         if any(not isinstance(d, int) or d <= 0 for d in shape):
-            raise _usage_error(f"'{path}' input has no static shape ({shape}); staticprune graphs are static")
+            raise usage_error(f"'{path}' input has no static shape ({shape}); staticprune graphs are static")
         logits = [o for o in session.get_outputs() if o.name == "logits"]
         if metadata.get("classes") is None and logits and isinstance(logits[0].shape[1], int):
             metadata["classes"] = logits[0].shape[1]  # class count read from a checkpoint at export time
@@ -137,7 +133,7 @@ class OrtRunner(GraphFacts):
         self.path = path
         self.output_names: list[str] = [o.name for o in session.get_outputs()]
         if "logits" not in self.output_names:
-            raise _usage_error(f"'{path}' has no 'logits' output (outputs: {', '.join(self.output_names)})")
+            raise usage_error(f"'{path}' has no 'logits' output (outputs: {', '.join(self.output_names)})")
         self._session = session
         self._input_name = inputs[0].name
         self._input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
@@ -158,16 +154,12 @@ class TrtRunner(GraphFacts):
 
         sidecar_path = Path(path + ".json")
         if not sidecar_path.is_file():
-            raise _usage_error(f"engine '{path}' has no sidecar '{sidecar_path}' (written by 'staticprune build'); "
+            raise usage_error(f"engine '{path}' has no sidecar '{sidecar_path}' (written by 'staticprune build'); "
                                "rebuild it with staticprune build")
-        try:
-            sidecar = json.loads(sidecar_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _usage_error(f"sidecar '{sidecar_path}' is not a readable JSON file ({exc.__class__.__name__})") \
-                from None
+        sidecar = read_json(sidecar_path, f"sidecar '{sidecar_path}'")
         metadata = sidecar.get("config") or {}
         if not metadata:
-            raise _usage_error(f"sidecar '{sidecar_path}' records no staticprune configuration; the engine was not "
+            raise usage_error(f"sidecar '{sidecar_path}' records no staticprune configuration; the engine was not "
                                "built from a staticprune export")
         inputs = sidecar.get("inputs") or []
         logits = [o for o in sidecar.get("outputs") or [] if o.get("name") == "logits"]
@@ -176,11 +168,11 @@ class TrtRunner(GraphFacts):
         super().__init__(metadata, path, inputs[0]["shape"] if len(inputs) == 1 else None)
         missing = [p for p in sidecar.get("plugins") or [] if not Path(p).is_file()]
         if missing:
-            raise _usage_error(f"plugin library '{missing[0]}' recorded in {sidecar_path} does not exist here")
+            raise usage_error(f"plugin library '{missing[0]}' recorded in {sidecar_path} does not exist here")
         try:
             require_tensorrt()
         except TensorRTUnavailable as exc:
-            raise _usage_error(str(exc)) from None
+            raise usage_error(str(exc)) from None
         from polygraphy.backend.trt import EngineFromBytes
         from polygraphy.backend.trt import TrtRunner as PolygraphyTrtRunner
 
@@ -210,22 +202,22 @@ def open_runner(path: str, threads: Optional[int] = None) -> Runner:
     p = Path(path)
     if p.is_dir() or p.name == PIPELINE_FILE:
         if not p.exists():
-            raise _usage_error(f"pipeline '{path}' does not exist")
+            raise usage_error(f"pipeline '{path}' does not exist")
         try:
             from staticprune.runtime.buckets import BucketedRunner
         except ModuleNotFoundError as exc:
             if exc.name != "staticprune.runtime.buckets":
                 raise
-            raise _usage_error("capacity-bucket pipelines need staticprune.runtime.buckets, which this installation "
+            raise usage_error("capacity-bucket pipelines need staticprune.runtime.buckets, which this installation "
                                f"lacks; pass one of the graphs in '{path}' instead") from None
         return BucketedRunner(os.fspath(p), threads=threads)
     if not p.is_file():
-        raise _usage_error(f"'{path}' does not exist (give an exported .onnx graph, a .engine or a pipeline folder)")
+        raise usage_error(f"'{path}' does not exist (give an exported .onnx graph, a .engine or a pipeline folder)")
     if p.suffix.lower() in ENGINE_SUFFIXES:
         return TrtRunner(os.fspath(p))
     if p.suffix.lower() == ".onnx":
         return OrtRunner(os.fspath(p), threads=threads)
-    raise _usage_error(f"'{path}' is neither an ONNX graph (.onnx), a TensorRT engine (.engine, .plan) nor a "
+    raise usage_error(f"'{path}' is neither an ONNX graph (.onnx), a TensorRT engine (.engine, .plan) nor a "
                        f"pipeline folder ({PIPELINE_FILE})")
 
 
