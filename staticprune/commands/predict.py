@@ -29,16 +29,14 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from staticprune.runtime import usage_error
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 GLOB_CHARS = ("*", "?", "[")
 SUMMARY_JSON, SUMMARY_CSV = "summary.json", "summary.csv"
 RESAMPLE_BUDGET = 1 << 23  # float32 elements per chunk of resampled logits (32 MiB): bounds memory at any size
 
 
-def _usage(message: str) -> Exception:
-    from staticprune.cli import UsageError
-
-    return UsageError(message)
 
 
 # --------------------------------------------------------------------------------------------- geometry
@@ -168,7 +166,7 @@ def collect_inputs(items: Sequence[str]) -> list[Path]:
         if path.is_dir():
             matches = from_folder(path)
             if not matches:
-                raise _usage(f"folder '{item}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise usage_error(f"folder '{item}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
             found += matches
         elif path.is_file():
             found.append(path)
@@ -181,10 +179,10 @@ def collect_inputs(items: Sequence[str]) -> list[Path]:
                 elif hit_path.is_file():
                     matches.append(hit_path)
             if not matches:
-                raise _usage(f"pattern '{item}' matched no images")
+                raise usage_error(f"pattern '{item}' matched no images")
             found += matches
         else:
-            raise _usage(f"input '{item}' does not exist (give image files, folders or quoted glob patterns)")
+            raise usage_error(f"input '{item}' does not exist (give image files, folders or quoted glob patterns)")
     unique: list[Path] = []
     seen: set[Path] = set()
     for p in found:
@@ -192,7 +190,7 @@ def collect_inputs(items: Sequence[str]) -> list[Path]:
             seen.add(p.resolve())
             unique.append(p)
     if not unique:
-        raise _usage("no images matched the inputs")
+        raise usage_error("no images matched the inputs")
     return unique
 
 
@@ -220,7 +218,7 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
     owner: dict[str, Path] = {}
     for p in paths:
         if p.stem in owner:
-            raise _usage(f"'{owner[p.stem]}' and '{p}' would both write {p.stem}_labels.png; rename one or predict "
+            raise usage_error(f"'{owner[p.stem]}' and '{p}' would both write {p.stem}_labels.png; rename one or predict "
                          "them into separate folders")
         owner[p.stem] = p
     return [p.stem for p in paths]
@@ -301,20 +299,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from staticprune.runtime.runner import open_runner
 
     if not 0.0 <= args.alpha <= 1.0:
-        raise _usage(f"--alpha must be in 0..1 (got {args.alpha})")
+        raise usage_error(f"--alpha must be in 0..1 (got {args.alpha})")
     if args.threads is not None and args.threads < 1:
-        raise _usage(f"--threads must be >= 1 (got {args.threads})")
+        raise usage_error(f"--threads must be >= 1 (got {args.threads})")
     out = Path(args.output)
     if out.exists() and not out.is_dir():
-        raise _usage(f"output '{out}' is a file; give a folder for the label maps and overlays")
+        raise usage_error(f"output '{out}' is a file; give a folder for the label maps and overlays")
     blocker = next((parent for parent in out.parents if parent.exists()), None)
     if blocker is not None and not blocker.is_dir():
-        raise _usage(f"output '{out}' cannot be created: '{blocker}' is a file")
+        raise usage_error(f"output '{out}' cannot be created: '{blocker}' is a file")
     if args.palette not in ("auto", "cityscapes", "ade20k"):
         try:
             resolve_palette(args.palette, 1)  # syntax now, the class count once the graph is open
         except ValueError as exc:
-            raise _usage(str(exc)) from None
+            raise usage_error(str(exc)) from None
 
     paths = collect_inputs(args.inputs)
     stems = output_stems(paths)
@@ -323,17 +321,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
         try:
             sizes.append(read_rgb(path).shape[:2])
         except ValueError as exc:
-            raise _usage(str(exc)) from None
+            raise usage_error(str(exc)) from None
 
     runner = open_runner(args.graph, threads=args.threads)
     try:
         palette = resolve_palette(args.palette, runner.num_classes)
     except ValueError as exc:
-        raise _usage(str(exc)) from None
+        raise usage_error(str(exc)) from None
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _usage(f"output folder '{out}' cannot be created ({exc.strerror or exc.__class__.__name__})") from None
+        raise usage_error(f"output folder '{out}' cannot be created ({exc.strerror or exc.__class__.__name__})") from None
 
     try:
         return _predict_all(args, runner, paths, stems, sizes, palette, out)
@@ -360,7 +358,7 @@ def _predict_all(args: argparse.Namespace, runner: Any, paths: list[Path], stems
         try:
             images = [read_rgb(paths[i]) for i in group]
         except ValueError as exc:  # decoded fine a moment ago: the file changed during the run
-            raise _usage(f"{exc} (it changed during the run; outputs of earlier images are complete)") from None
+            raise usage_error(f"{exc} (it changed during the run; outputs of earlier images are complete)") from None
         prepared = [prepare_input(rgb, runner.size, runner.mean, runner.std, runner.raw_input, args.resize)
                     for rgb in images]
         arrays = [a for a, _ in prepared]
