@@ -845,7 +845,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                      else f"{args.buckets} count quantiles")
         for point, values in buckets.items():
             print(f"buckets {point}: {', '.join(str(v) for v in values)} ({rule_text}, multiple of "
-                  f"{args.bucket_multiple}, largest = all {n_tokens} patches)")
+                  f"{args.bucket_multiple} below the largest count {max(cal.kept[point])}, then all {n_tokens} "
+                  "patches)")
     _write_json(str(out), {"method": method, "method_options": recommended, "model": cfg.model, "size": list(cfg.size),
                            "classes": cfg.classes, "weights": cfg.weights, "quantile": args.quantile,
                            "capacity_rule": rule.to_dict(), "images": cal.images, "source": source, "kept": stats,
@@ -1366,13 +1367,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantile", type=float, default=0.99, help="capacity quantile (default 0.99)")
     p.add_argument("--buckets", type=int, default=None, metavar="K",
                    help="also choose K capacity buckets per reduction point for 'export --buckets FILE': count "
-                        "quantiles rounded up to --bucket-multiple, the largest = every patch (docs/buckets.md)")
+                        "quantiles rounded up to --bucket-multiple, then the largest count as it is, then every patch "
+                        "(docs/buckets.md)")
     p.add_argument("--bucket-growth", type=float, default=None, metavar="R",
                    help="instead of --buckets K: geometric buckets from the smallest to the largest count, each at "
                         "most R times the previous (e.g. 1.25), so no image inside the calibrated range runs at more "
-                        "than R times its own count; the largest = every patch (docs/buckets.md)")
+                        "than R times its own count; the largest count as it is, then every patch (docs/buckets.md)")
     p.add_argument("--bucket-multiple", type=int, default=64, metavar="M",
-                   help="round buckets up to a multiple of M patch tokens (default 64)")
+                   help="round buckets below the largest count up to a multiple of M patch tokens (default 64)")
     p.add_argument("-o", "--output", default="calibration.json", help="config file for 'export --config'")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_calibrate)

@@ -156,16 +156,35 @@ def test_pipeline_equals_eager_reference_and_picks_smallest_bucket(g2tm_pipeline
     assert set(runner.output_names) >= {"logits", "labels", "overflow"}
 
 
-def test_prefix_puts_valid_slots_first(g2tm_pipeline):
+def test_algm_prefix_puts_valid_slots_first(algm_pipeline):
     """The bucket Slice is only exact if the first `count` patch slots are the valid ones."""
-    spec = json.loads((g2tm_pipeline / "pipeline.json").read_text())
-    session = ort_session(g2tm_pipeline / spec["stages"][0]["graphs"][0]["onnx"])
+    spec = json.loads((algm_pipeline / "pipeline.json").read_text())
+    session = ort_session(algm_pipeline / spec["stages"][0]["graphs"][0]["onnx"])
     p = spec["num_prefix"]
     for img in images():
         sizes, count = session.run(["sizes_next", "count_next"], {"image": img.numpy()})
         c = int(count[0])
         assert (sizes[0, p:p + c] > 0).all() and (sizes[0, p + c:] == 0).all()
         assert sizes[0, p:].sum() == N  # every patch in exactly one valid slot
+
+
+def test_g2tm_prefix_hands_over_unmerged_tokens_and_the_slot_map(g2tm_pipeline):
+    """G2TM defers its merge to the bucket graphs: the prefix's tokens are unmerged (every size 1) and `owner`
+    sends the patches to slots 0..count-1, each used, in order of their lowest patch."""
+    spec = json.loads((g2tm_pipeline / "pipeline.json").read_text())
+    session = ort_session(g2tm_pipeline / spec["stages"][0]["graphs"][0]["onnx"])
+    p = spec["num_prefix"]
+    counts = []
+    for img in images():
+        sizes, owner, count = session.run(["sizes_next", "owner_next", "count_next"], {"image": img.numpy()})
+        c = int(count[0])
+        counts.append(c)
+        assert (sizes == 1).all() and sizes.shape == (1, p + N)
+        slots = owner[0] - p
+        assert sorted(set(slots.tolist())) == list(range(c))
+        first_patch = [int(np.flatnonzero(slots == k)[0]) for k in range(c)]
+        assert first_patch == sorted(first_patch)
+    assert counts == [7, 13, 10, 11, 9, 8]  # the planted component counts
 
 
 def test_bucket_graph_past_its_capacity_reports_overflow(g2tm_pipeline):
@@ -184,24 +203,28 @@ def test_pick_bucket():
 
 def test_bucket_capacities_are_rounded_quantiles_up_to_every_patch():
     counts = [200, 10, 130, 70]
-    # i/3 quantiles (nearest rank) of 10, 70, 130, 200: 70, 130, 200 -> multiples of 64, then N
-    assert bucket_capacities(counts, 4, 64, 2304) == [128, 192, 256, 2304]
+    # i/3 quantiles (nearest rank) of 10, 70, 130, 200: 70, 130 -> multiples of 64; the largest count as it is
+    # (what a single calibrated graph is built at); then N
+    assert bucket_capacities(counts, 4, 64, 2304) == [128, 192, 200, 2304]
     assert bucket_capacities(counts, 1, 64, 2304) == [2304]
-    assert bucket_capacities([2300], 3, 64, 2304) == [2304]  # rounding past N is capped, duplicates merged
+    assert bucket_capacities([2300], 3, 64, 2304) == [2300, 2304]  # rounding past the largest count is dropped
+    assert bucket_capacities([2304], 3, 64, 2304) == [2304]  # duplicates merged
 
 
 def test_geometric_buckets_bound_the_slack_of_every_count_in_range():
     counts = [123, 277, 442, 870, 880, 1257]
     buckets = geometric_buckets(counts, 1.25, 64, 2304)
-    # down from the largest count's own bucket (1257 -> 1280), each >= the one above / 1.25, rounded up to 64
-    assert buckets == [128, 192, 256, 320, 384, 448, 512, 576, 704, 832, 1024, 1280, 2304]
+    # down from the largest count itself (the single calibrated graph's capacity), each >= the one above / 1.25,
+    # rounded up to 64
+    assert buckets == [128, 192, 256, 320, 384, 448, 512, 576, 704, 832, 1024, 1257, 2304]
     # any count from the smallest bucket up to the largest calibrated count runs in a bucket < 1.25 * count + 64
     for count in range(128, 1258):
         bucket = min(b for b in buckets if b >= count)
         assert bucket < 1.25 * count + 64, (count, bucket)
-    assert geometric_buckets([10], 2.0, 64, 100) == [64, 100]  # capped at N, N always last
-    assert geometric_buckets([100, 101], 1.01, 64, 512) == [128, 512]
-    assert geometric_buckets([100, 300], 1.01, 64, 512) == [128, 192, 256, 320, 512]  # one multiple a step
+    assert geometric_buckets([10], 2.0, 64, 100) == [10, 100]  # N always last
+    assert geometric_buckets([100, 101], 1.01, 64, 512) == [101, 512]  # no multiple of 64 between 101 / 1.01 and 101
+    assert geometric_buckets([100, 300], 1.01, 64, 512) == [128, 192, 256, 300, 512]  # one multiple a step
+    assert geometric_buckets([2304], 1.25, 64, 2304) == [2304]
     with pytest.raises(ValueError, match="must be > 1"):
         geometric_buckets(counts, 1.0, 64, 2304)
 
@@ -235,7 +258,8 @@ def test_calibrate_writes_buckets(tmp_path, capsys):
     assert len(counts) == 6
     # generated inputs of calibrate (seed 0) -> quantiles 1/2 and 1 of the counts, rounded up to 4, then 24
     assert data["buckets"]["g2tm"] == bucket_capacities(counts, 3, 4, N)
-    assert data["buckets"]["g2tm"][-1] == N and all(c % 4 == 0 for c in data["buckets"]["g2tm"])
+    assert data["buckets"]["g2tm"][-1] == N and max(counts) in data["buckets"]["g2tm"]
+    assert all(c % 4 == 0 for c in data["buckets"]["g2tm"] if c not in (max(counts), N))
     assert data["bucket_multiple"] == 4
     assert "buckets g2tm:" in stdout
 

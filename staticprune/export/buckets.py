@@ -6,9 +6,11 @@ at one or a few points (G2TM: one merge; ALGM: CLAP, then GBM), the network is c
 * the prefix graph runs image -> the first reduction point at capacity = every patch (it cannot overflow) and
   outputs the token state (`tokens_next`, `sizes_next`, `owner_next`, `overflow_next`) plus `count_next`, the
   valid patch slots, which occupy the first `count` patch slots (the methods compact order-preservingly);
-* a bucket graph for capacity c keeps the first num_prefix + c slots with a static Slice and runs on, up to the
-  next reduction point (state + count again, padded back to the full width so that every bucket of the next
-  stage takes one input shape) or to the end (logits, labels, overflow, decisions).
+  a method with `decide_merge`/`apply_merge` (G2TM) hands over its tokens unmerged with the slot map instead;
+* a bucket graph for capacity c keeps the first num_prefix + c slots with a static Slice (or merges the unmerged
+  tokens into c slots) and runs on, up to the next reduction point (state + count again, padded back to the full
+  width so that every bucket of the next stage takes one input shape) or to the end (logits, labels, overflow,
+  decisions).
 
 The runtime (staticprune.runtime.buckets.BucketedRunner) picks the smallest bucket holding the largest count of
 the batch; the graphs hold no data-dependent control flow. A bucket graph fed a count above its capacity still
@@ -143,33 +145,40 @@ def _round_up(value: float, multiple: int, num_patches: int) -> int:
 
 
 def bucket_capacities(counts: Sequence[int], buckets: int, multiple: int, num_patches: int) -> list[int]:
-    """Calibrated buckets: for i = 1..K-1 the nearest-rank i/(K-1) quantile of the counts rounded up to a multiple
-    of `multiple` (capped at N), then N itself; duplicates merged. K = 1 gives [N]."""
+    """Calibrated buckets: for i = 1..K-2 the nearest-rank i/(K-1) quantile of the counts rounded up to a multiple
+    of `multiple` (capped at N), then the largest count itself (not rounded: see `geometric_buckets`), then N;
+    duplicates merged, and a rounded bucket at or above the largest count dropped. K = 1 gives [N]."""
     if buckets < 1:
         raise BucketError(f"--buckets must be >= 1 (got {buckets})")
     ordered = _sorted_counts(counts, multiple)
     out = []
-    for i in range(1, buckets):
+    for i in range(1, buckets - 1):
         rank = max(1, math.ceil(i / (buckets - 1) * len(ordered) - 1e-9))
         out.append(_round_up(ordered[rank - 1], multiple, num_patches))
+    if buckets > 1:
+        top = min(ordered[-1], num_patches)
+        out = [b for b in out if b < top] + [top]
     out.append(num_patches)
     return sorted(set(out))
 
 
 def geometric_buckets(counts: Sequence[int], growth: float, multiple: int, num_patches: int) -> list[int]:
-    """Buckets that bound the slack, built down from the largest count: its own bucket (rounded up to `multiple`),
-    then each bucket the smallest multiple >= the one above / `growth`, down to the smallest count; then N. The
-    worst calibration image runs at its own count (rounded), and any image whose count falls in the calibrated
-    range, also between the calibration images' counts, at fewer than `growth` x its count + `multiple` tokens."""
+    """Buckets that bound the slack, built down from the largest count: the largest count itself, then each bucket
+    the smallest multiple of `multiple` >= the one above / `growth`, down to the smallest count; then N. Any image
+    whose count falls in the calibrated range, also between the calibration images' counts, runs at fewer than
+    `growth` x its count + `multiple` tokens.
+
+    The largest count is not rounded up: it is the capacity a single calibrated graph is built at, and rounding it
+    would make the pipeline slower than that graph on the images that set it."""
     if not growth > 1.0:
         raise BucketError(f"--bucket-growth must be > 1 (got {growth})")
     ordered = _sorted_counts(counts, multiple)
-    lowest = _round_up(ordered[0], multiple, num_patches)
-    out = [_round_up(ordered[-1], multiple, num_patches)]
+    lowest = min(_round_up(ordered[0], multiple, num_patches), ordered[-1])
+    out = [min(ordered[-1], num_patches)]
     while out[-1] > lowest:
         below = _round_up(out[-1] / growth, multiple, num_patches)
         if below >= out[-1]:  # the multiple is coarser than the growth here: one multiple down
-            below = out[-1] - multiple
+            below = (out[-1] - 1) // multiple * multiple
         out.append(max(below, lowest))
     out.append(num_patches)
     return sorted(set(out))
@@ -182,13 +191,21 @@ class _StopAfterAttention(Exception):
     """Raised by _CaptureHook once the hook decided: the stage ends between attention and MLP."""
 
 
+def defers_merge(method: nn.Module) -> bool:
+    """Whether `method` splits its reduction into `decide_merge` (state with the slot map, tokens unmerged) and
+    `apply_merge(state, capacity)`: its prefix graph then hands over unmerged tokens, and each bucket graph merges
+    into its own capacity (a merge whose cost grows with the capacity is not paid at N in the prefix)."""
+    return hasattr(method, "decide_merge") and hasattr(method, "apply_merge")
+
+
 class _CaptureHook:
     def __init__(self, hook: nn.Module):
         self.hook = hook
         self.state: Optional[TokenState] = None
 
     def after_attention(self, layer: int, state: TokenState, keys: Tensor) -> TokenState:
-        self.state = self.hook.after_attention(layer, state, keys)
+        decide = self.hook.decide_merge if defers_merge(self.hook) else self.hook.after_attention
+        self.state = decide(layer, state, keys)
         raise _StopAfterAttention
 
     def after_block(self, layer: int, state: TokenState) -> TokenState:  # never reached
@@ -258,9 +275,13 @@ class StageModule(nn.Module):
         p, keep = self.num_prefix, self.num_prefix + self.capacity
         excess = (count - self.capacity).clamp(min=0).to(torch.int32)
         last_slot = torch.full_like(owner, keep - 1)
-        state = TokenState(x=tokens[:, :keep], size=sizes[:, :keep],
-                           owner=torch.minimum(owner, last_slot).to(torch.int64),  # in bounds even past capacity
-                           num_prefix=p, extras={"overflow": carried_overflow + excess})
+        owner = torch.minimum(owner, last_slot).to(torch.int64)  # in bounds even past capacity
+        extras = {"overflow": carried_overflow + excess}
+        if defers_merge(self.method):  # the tokens arrive unmerged: merge them into this bucket's c slots
+            state = self.method.apply_merge(TokenState(x=tokens, size=sizes, owner=owner, num_prefix=p,
+                                                       extras=extras), self.capacity)
+        else:
+            state = TokenState(x=tokens[:, :keep], size=sizes[:, :keep], owner=owner, num_prefix=p, extras=extras)
         block = self.model.backbone.blocks[self.start.block]
         x = state.x
         state = state.with_x(x + block.mlp(block.norm2(x)))
@@ -281,7 +302,10 @@ class StageModule(nn.Module):
     def _handoff(self, state: TokenState) -> tuple[Tensor, ...]:
         p, width = self.num_prefix, self.num_prefix + self.num_patches
         size = state.full_size()
-        count = count_true(size[:, p:] > 0).to(torch.int32)
+        if defers_merge(self.method):  # unmerged tokens: the method says how many slots the merge fills
+            count = state.extras[self.method.merge_count_key].to(torch.int32)
+        else:
+            count = count_true(size[:, p:] > 0).to(torch.int32)
         outputs = (_pad_slots(state.x, width), _pad_slots(size, width), state.owner.to(torch.int32), count,
                    state.extras["overflow"].to(torch.int32))
         names = self.output_names()[len(STATE_NAMES):]

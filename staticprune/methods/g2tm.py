@@ -221,11 +221,20 @@ class G2TM(nn.Module):
         return state
 
     def merge(self, state: TokenState) -> TokenState:
+        return self.apply_merge(self.decide_merge(self.cfg.layer - 1, state), self.capacity)
+
+    # A capacity-bucket pipeline cuts the network between these two halves (staticprune.export.buckets): the
+    # prefix graph decides at capacity N and hands over the unmerged tokens with the slot map, and each bucket graph
+    # merges into its own capacity, so the one-hot merge costs C x N there, not N x N in the prefix.
+    merge_count_key = "g2tm_groups"  # extras entry of decide_merge: the slots in use, (B,) int
+
+    def decide_merge(self, layer: int, state: TokenState, keys: Optional[Tensor] = None) -> TokenState:
+        """The merge decided, not applied: x and size unchanged, owner = the slot of every patch (+ num_prefix),
+        extras overflow, the decision outputs and `merge_count_key`."""
         if state.owner is not None:
             raise ValueError("G2TM merges tokens on the patch grid; it cannot follow another reduction")
         p = state.num_prefix
-        prefix, patches = state.x[:, :p], state.x[:, p:]
-        sizes = state.full_size()
+        patches = state.x[:, p:]
         right_sim, down_sim = neighbour_similarities(patches, self.grid)
         tau = self.cfg.threshold
         right = _to_grid(right_sim > tau, self.grid, 0.0)
@@ -235,17 +244,25 @@ class G2TM(nn.Module):
             margins = incident_margins((right_sim - tau).abs(), (down_sim - tau).abs(), self.grid)
         labels, component_margin = grid_components(right, down, margins)
         grouping = assign_slots(labels, self.grid, self.capacity)
-        merged, size = group_merge(patches, sizes[:, p:], grouping.slot, self.capacity)
 
         extras = dict(state.extras)
         extras["overflow"] = grouping.overflow
+        extras[self.merge_count_key] = grouping.count.clamp(max=self.capacity)
         if component_margin is not None:
             extras[f"decision_{POINT}"] = labels.to(torch.int32)
             extras[f"margin_{POINT}"] = component_margin.to(torch.float32)
+        return TokenState(x=state.x, size=state.full_size(), owner=grouping.slot + p, num_prefix=p, extras=extras)
+
+    def apply_merge(self, decided: TokenState, capacity: int) -> TokenState:
+        """Merge the patches of `decide_merge`'s state into `capacity` slots (owner slots must be < capacity)."""
+        p = decided.num_prefix
+        sizes = decided.full_size()
+        merged, size = group_merge(decided.x[:, p:], sizes[:, p:], decided.owner - p, capacity)
+        extras = {k: v for k, v in decided.extras.items() if k != self.merge_count_key}
         return TokenState(
-            x=torch.cat([prefix, merged], 1),
+            x=torch.cat([decided.x[:, :p], merged], 1),
             size=torch.cat([sizes[:, :p], size], 1),
-            owner=grouping.slot + p,
+            owner=decided.owner,
             num_prefix=p,
             extras=extras,
         )
