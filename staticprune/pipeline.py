@@ -131,6 +131,7 @@ def attach_config(proto: onnx.ModelProto, cfg: ModelConfig, extra: Optional[dict
     spec = get_spec(cfg.model)
     payload = json.loads(cfg.to_json())
     payload["mean"], payload["std"] = list(spec.mean), list(spec.std)
+    payload["logit_bias_adds"] = logit_bias_adds(proto)
     payload.update(extra or {})
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
@@ -145,6 +146,15 @@ def attach_config(proto: onnx.ModelProto, cfg: ModelConfig, extra: Optional[dict
     if command:
         entry = proto.metadata_props.add()
         entry.key, entry.value = COMMAND_KEY, command
+
+
+def logit_bias_adds(proto: onnx.ModelProto) -> int:
+    """Softmax nodes fed by an Add: attention logits that get a key bias added as a separate elementwise pass
+    (`--key-bias add`). ONNX Runtime runners read it to suggest the `channel` form (recorded at export, because a
+    runtime without the onnx package cannot inspect the graph)."""
+    producers = {out: node.op_type for node in proto.graph.node for out in node.output}
+    return sum(1 for node in proto.graph.node if node.op_type == "Softmax" and node.input
+               and producers.get(node.input[0]) == "Add")
 
 
 def read_config(proto: onnx.ModelProto) -> Optional[ModelConfig]:

@@ -552,3 +552,26 @@ def test_predict_runs_without_torch_and_onnx(graph, images, tmp_path):
     assert result == {"code": 0, "heavy": []}
     assert read_png(out / "scene_overlay.png").shape == (75, 110, 3)
     assert read_png(out / "tall_labels.png").shape == (90, 40)
+
+
+def test_add_form_graph_gets_the_channel_advice_and_a_channel_graph_does_not(graph, images, tmp_path, capsys):
+    """ALGM masks its padding slots in every attention after CLAP (block 1 of 12): the default `add` form adds that
+    key bias as a pass over the logits, which ONNX Runtime runs separately; predict names the cheaper form."""
+    from staticprune.cli import main
+
+    meta = graph_facts(graph)
+    assert meta["key_bias"] == "add" and meta["logit_bias_adds"] == 11  # blocks 2..12: one Add before each Softmax
+    code, _, stderr = run_cli(capsys, "predict", str(graph), str(images["scene"]), "-o", str(tmp_path / "a"), "-q")
+    assert code == 0
+    notes = [line for line in stderr.splitlines() if line.startswith("staticprune: note:")]
+    assert len(notes) == 1 and "in 11 attention(s)" in notes[0] and "export with --key-bias channel" in notes[0]
+
+    channel = tmp_path / "algm-channel.onnx"
+    assert main(["export", "--model", "segmenter-vit-t-linear", "--size", "64x64", "--classes", str(CLASSES),
+                 "--method", "algm", "--labels", "--key-bias", "channel", "-o", str(channel)]) == 0
+    capsys.readouterr()
+    assert graph_facts(channel)["logit_bias_adds"] == 0
+    code, _, stderr = run_cli(capsys, "predict", str(channel), str(images["scene"]), "-o", str(tmp_path / "c"), "-q")
+    assert code == 0 and "note:" not in stderr
+    # the same labels from both forms
+    assert (read_png(tmp_path / "a" / "scene_labels.png") == read_png(tmp_path / "c" / "scene_labels.png")).all()

@@ -332,6 +332,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise usage_error(f"output folder '{out}' cannot be created ({exc.strerror or exc.__class__.__name__})") from None
+    for note in getattr(runner, "notes", ()):  # after every check: bad input stays one line
+        _log(f"staticprune: note: {note}")
 
     try:
         return _predict_all(args, runner, paths, stems, sizes, palette, out)

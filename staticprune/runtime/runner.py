@@ -137,6 +137,13 @@ class OrtRunner(GraphFacts):
         self._session = session
         self._input_name = inputs[0].name
         self._input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
+        self.notes: list[str] = []  # advice for the user, printed by the commands that run graphs
+        adds = int(metadata.get("logit_bias_adds") or 0)
+        if adds and metadata.get("key_bias", "add") == "add" and metadata.get("precision", "fp32") == "fp32":
+            self.notes.append(
+                f"'{path}' adds a key bias to the attention logits in {adds} attention(s) as a separate pass "
+                "(export --key-bias add, the form TensorRT fuses); for ONNX Runtime, export with --key-bias channel "
+                "(same outputs, no pass over the (heads, tokens, tokens) logits)")
 
     def run(self, image: np.ndarray) -> dict[str, np.ndarray]:
         _check_batch(image, self.batch, self.size)
