@@ -46,16 +46,18 @@ def _read(path: str | Path, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
         if a.ndim != 4 or a.shape[1] != 3 or tuple(a.shape[2:]) != tuple(size):
             raise ValueError(f"input '{p}' has shape {tuple(arr.shape)}; expected (B, 3, {size[0]}, {size[1]})")
         return a, False
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        img = to_rgb8(Image.open(p))
+        # as displayed (EXIF orientation applied), as `predict` reads it: a phone photo stored sideways must give
+        # verify and calibrate the same tokens the deployed graph will see
+        img = to_rgb8(ImageOps.exif_transpose(Image.open(p)))
     except Image.DecompressionBombError as exc:  # a small file may claim billions of pixels
         numbers = re.findall(r"\d+", str(exc))
         detail = (f"{numbers[0]} pixels, over Pillow's decompression-bomb limit of {numbers[1]}" if len(numbers) >= 2
                   else str(exc).rstrip("."))
         raise ValueError(f"input '{p}' is too large to decode safely ({detail}); resize it first") from None
-    except (UnidentifiedImageError, OSError, ValueError):
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):  # SyntaxError: Pillow's broken-file error
         raise ValueError(f"input '{p}' is not a readable image (png, jpg, ...) or .npy file") from None
     img = img.resize((size[1], size[0]), Image.BILINEAR)
     return np.asarray(img, dtype=np.float32), True

@@ -575,3 +575,32 @@ def test_add_form_graph_gets_the_channel_advice_and_a_channel_graph_does_not(gra
     assert code == 0 and "note:" not in stderr
     # the same labels from both forms
     assert (read_png(tmp_path / "a" / "scene_labels.png") == read_png(tmp_path / "c" / "scene_labels.png")).all()
+
+
+def test_exif_orientation_is_applied_by_predict_and_by_the_inputs_of_verify_and_calibrate(tmp_path):
+    """A photo stored sideways with EXIF orientation 6 (display rotated 90 degrees clockwise) is read as displayed
+    by predict (read_rgb) and by load_input / load_input_array (verify, calibrate, export --verify-inputs), so that
+    calibration counts and deployment see the same image."""
+    from staticprune.commands.predict import read_rgb
+    from staticprune.imageio import load_input
+
+    rng = np.random.default_rng(3)
+    stored = rng.integers(0, 256, (20, 36, 3), dtype=np.uint8)  # 20 x 36 as stored, 36 x 20 as displayed
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways = tmp_path / "sideways.png"
+    Image.fromarray(stored).save(sideways, exif=exif)
+    displayed = np.rot90(stored, k=-1)  # clockwise
+    upright = tmp_path / "upright.png"
+    Image.fromarray(np.ascontiguousarray(displayed)).save(upright)
+
+    assert read_rgb(sideways).shape == (36, 20, 3) and (read_rgb(sideways) == displayed).all()
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    got = load_input_array(sideways, (32, 16), mean, std)
+    assert got.shape == (1, 3, 32, 16)
+    assert np.array_equal(got, load_input_array(upright, (32, 16), mean, std))
+    assert torch.equal(load_input(sideways, (32, 16), mean, std), load_input(upright, (32, 16), mean, std))
+    # and not what the stored pixels give
+    plain = tmp_path / "plain.png"
+    Image.fromarray(stored).save(plain)
+    assert not np.array_equal(got, load_input_array(plain, (32, 16), mean, std))
