@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,3 +25,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tensorrt_include_dir(request) -> Path:
+    """TENSORRT_INCLUDE_DIR (a directory holding NvInfer.h, tools/fetch_trt_headers.md shows how to get one) for the
+    tests that compile against TensorRT's headers: skipped when unset, failed when it holds no NvInfer.h."""
+    include_dir = os.environ.get("TENSORRT_INCLUDE_DIR")
+    if not include_dir:
+        pytest.skip(f"TENSORRT_INCLUDE_DIR is not set: skipping {request.node.name} (set it to a directory holding "
+                    "NvInfer.h; tools/fetch_trt_headers.md shows how to get them)")
+    if not (Path(include_dir) / "NvInfer.h").is_file():
+        pytest.fail(f"TENSORRT_INCLUDE_DIR={include_dir} holds no NvInfer.h")
+    return Path(include_dir)
