@@ -149,7 +149,12 @@ def test_cmake_builds_the_tensorrt_plugin_library(tmp_path, tensorrt_include_dir
         assert _foreign_undefined(library) == [], f"{library.name}: unexpected undefined symbols"
 
     c_api = {"staticprune_kernels_abi_version", "staticprune_bipartite_merge", "staticprune_bipartite_merge_out_tokens",
-             "staticprune_bipartite_merge_workspace_size", "staticprune_token_unmerge"}
+             "staticprune_bipartite_merge_workspace_size", "staticprune_bipartite_merge_thresholds",
+             "staticprune_token_unmerge",
+             # the plugin contract (plugins/common/staticprunePluginContract.h), which lint loads through ctypes
+             "staticprune_plugin_contract_version", "staticprune_bipartite_merge_check_fields",
+             "staticprune_bipartite_merge_output_shapes", "staticprune_token_unmerge_check_fields",
+             "staticprune_token_unmerge_output_shapes"}
     assert _exported(kernels) == c_api
     assert _exported(plugins) == c_api  # static registration: nothing for loadLibrary to find
     assert _exported(dynamic) == c_api | {"getCreators", "setLoggerFinder"}
