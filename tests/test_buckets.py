@@ -332,3 +332,22 @@ print(sorted(out), out["logits"].shape, runner.last_capacities)
     assert done.returncode == 0, done.stderr
     assert "'count_g2tm', 'decision_g2tm', 'labels', 'logits', 'margin_g2tm', 'overflow'" in done.stdout
     assert "(1, 5, 64, 96)" in done.stdout
+
+
+def test_readme_and_docs_bucket_tables_are_the_ones_the_benchmark_draws(tmp_path):
+    """README's summary and docs/buckets.md's tables are drawn from the saved runs by tools/bench_buckets.py
+    --from-json; redrawing them into copies changes nothing (they were not edited by hand)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    runs = [root / "docs/benchmarks/buckets-g2tm-vit-b-768.json", root / "docs/benchmarks/buckets-algm-vit-b-768.json"]
+    for name in ("README.md", "docs/buckets.md"):
+        original = (root / name).read_text()
+        copy = tmp_path / Path(name).name
+        copy.write_text(original)
+        flag = "--update-readme" if name == "README.md" else "--update-docs"
+        proc = subprocess.run([sys.executable, str(root / "tools/bench_buckets.py"), "--from-json", *map(str, runs),
+                               flag, str(copy)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert copy.read_text() == original

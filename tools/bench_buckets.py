@@ -28,13 +28,13 @@ import argparse
 import dataclasses
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -258,43 +258,97 @@ def fit_state_example(model, method, plan, options, specs, spec: StageSpec, img:
     return feeds
 
 
-def markdown(results: list[dict], args: argparse.Namespace, seconds: float) -> str:
-    lines = [f"ONNX Runtime CPU ({args.threads} threads), {args.model} {args.size[0]}x{args.size[1]}, random weights "
-             f"(seed 0), batch 1, key bias {args.key_bias}; median (min) ms of {args.repeats} interleaved runs per photograph after one warm-up; "
-             f"{seconds / 60:.0f} min in all ({os.cpu_count()} CPUs here).", ""]
-    for res in results:
-        points = list(res["buckets"])
-        lines.append(f"**{res['method']}** (buckets " + "; ".join(f"{p}: {', '.join(map(str, v))}"
-                                                                  for p, v in res["buckets"].items())
-                     + "; calibrated capacity " + ", ".join(f"{p} {c}" for p, c in res["calibrated"].items())
-                     + f" of {res['num_patches']})")
-        lines.append("")
-        lines.append("| photograph | kept (reference) | bucket | bucketed | calibrated | fit | unreduced | bucketed / fit "
-                     "| bucketed = reference |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for r in res["rows"]:
-            kept = " / ".join(str(r["kept"][p]) for p in points)
-            bucket = " / ".join(str(r["buckets"][p]) for p in points)
-            cells = [f"{r[k + '_ms']['median']:.0f} ({r[k + '_ms']['min']:.0f})"
-                     for k in ("bucketed", "calibrated", "fit", "unreduced")]
-            ratio = r["bucketed_ms"]["median"] / r["fit_ms"]["median"]
-            same = ("kept equal, logits " + f"{r['logits_max_abs_vs_reference']:.1e}") if r["kept_equal_reference"] \
-                else "kept DIFFER"
-            if "calibrated_logits_max_abs_vs_reference" in r:
-                same += f" (calibrated graph {r['calibrated_logits_max_abs_vs_reference']:.1e})"
-            lines.append(f"| {r['image']} | {kept} | {bucket} | " + " | ".join(cells) + f" | {ratio:.2f} | {same} |")
-        lines.append("")
+def method_table(res: dict) -> str:
+    """One method's per-photograph table (what docs/buckets.md shows between its bench-buckets-table markers)."""
+    points = list(res["buckets"])
+    lines = [f"**{res['method']}** (buckets " + "; ".join(f"{p}: {', '.join(map(str, v))}"
+                                                         for p, v in res["buckets"].items())
+             + "; calibrated capacity " + ", ".join(f"{p} {c}" for p, c in res["calibrated"].items())
+             + f" of {res['num_patches']})", "",
+             "| photograph | kept (reference) | bucket | bucketed | calibrated | fit | unreduced | bucketed / fit "
+             "| bucketed = reference |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in res["rows"]:
+        kept = " / ".join(str(r["kept"][p]) for p in points)
+        bucket = " / ".join(str(r["buckets"][p]) for p in points)
+        cells = [f"{r[k + '_ms']['median']:.0f} ({r[k + '_ms']['min']:.0f})"
+                 for k in ("bucketed", "calibrated", "fit", "unreduced")]
+        ratio = r["bucketed_ms"]["median"] / r["fit_ms"]["median"]
+        same = ("kept equal, logits " + f"{r['logits_max_abs_vs_reference']:.1e}") if r["kept_equal_reference"] \
+            else "kept DIFFER"
+        if "calibrated_logits_max_abs_vs_reference" in r:
+            same += f" (calibrated graph {r['calibrated_logits_max_abs_vs_reference']:.1e})"
+        lines.append(f"| {r['image']} | {kept} | {bucket} | " + " | ".join(cells) + f" | {ratio:.2f} | {same} |")
     return "\n".join(lines)
 
 
+def markdown(run: dict) -> str:
+    """A whole run (the JSON this script writes): its settings, then one table per method."""
+    size = run["size"]
+    lines = [f"ONNX Runtime CPU ({run['threads']} threads), {run['model']} {size[0]}x{size[1]}, random weights "
+             f"(seed 0), batch 1, key bias {run.get('key_bias', 'add')}; median (min) ms of {run['repeats']} "
+             f"interleaved runs per photograph after one warm-up; {run['seconds'] / 60:.0f} min in all.", ""]
+    for res in run["results"]:
+        lines += [method_table(res), ""]
+    return "\n".join(lines)
+
+
+def _range(values: list[float], digits: int = 2) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.{digits}f}" if round(lo, digits) == round(hi, digits) else f"{lo:.{digits}f}-{hi:.{digits}f}"
+
+
+def summary_row(res: dict, fit_goal: float = 1.15) -> str:
+    """The README's line for one method: counts, and bucketed against unreduced, calibrated and fit (medians)."""
+    rows, points, n = res["rows"], list(res["buckets"]), res["num_patches"]
+    med = {k: [r[f"{k}_ms"]["median"] for r in rows] for k in ("bucketed", "calibrated", "fit", "unreduced")}
+    buckets = ", ".join(f"{p} {len([b for b in v if b < n])} + N" for p, v in res["buckets"].items())
+    kept = ", ".join(f"{p} {min(r['kept'][p] for r in rows)}-{max(r['kept'][p] for r in rows)}" for p in points)
+    vs_unreduced = [u / b for u, b in zip(med["unreduced"], med["bucketed"])]
+    faster = [c / b for c, b in zip(med["calibrated"], med["bucketed"]) if b < c]
+    not_faster = [f"{r['image']} {b:.0f} vs {c:.0f} ms ({(b / c - 1) * 100:+.1f} %, its bucket = the calibrated "
+                  f"capacity)" if all(r["buckets"][p] == res["calibrated"][p] for p in points) else
+                  f"{r['image']} {b:.0f} vs {c:.0f} ms ({(b / c - 1) * 100:+.1f} %)"
+                  for r, b, c in zip(rows, med["bucketed"], med["calibrated"]) if b >= c]
+    vs_fit = [b / f for b, f in zip(med["bucketed"], med["fit"])]
+    calibrated = f"{_range(faster)}x faster on {len(faster)}/{len(rows)}" if faster else "never faster"
+    if not_faster:
+        calibrated += "; not on " + "; ".join(not_faster)
+    return (f"| {res['method']} ({buckets}) | {kept} of {n} | {_range(vs_unreduced, 1)}x faster on "
+            f"{sum(v > 1 for v in vs_unreduced)}/{len(rows)} | {calibrated} | {_range(vs_fit)}, "
+            f"{sum(v <= fit_goal for v in vs_fit)}/{len(rows)} within {fit_goal:g} |")
+
+
+def summary_table(runs: list[dict]) -> str:
+    lines = ["| method (buckets below N per point) | tokens kept | vs unreduced | vs calibrated graph | "
+             "vs fit graph (goal <= 1.15) |", "| --- | --- | --- | --- | --- |"]
+    return "\n".join(lines + [summary_row(res) for run in runs for res in run["results"]])
+
+
+def update_docs(runs: list[dict], docs: Optional[str], readme: Optional[str]) -> None:
+    """Redraw the tables of docs/buckets.md (markers bench-buckets-table:METHOD) and the README summary (markers
+    buckets-summary) from saved runs."""
+    from staticprune.bench.methods_report import replace_between_markers
+
+    if docs:
+        text = Path(docs).read_text()
+        for run in runs:
+            for res in run["results"]:
+                text = replace_between_markers(text, f"bench-buckets-table:{res['method']}", method_table(res))
+        Path(docs).write_text(text)
+    if readme:
+        Path(readme).write_text(replace_between_markers(Path(readme).read_text(), "buckets-summary",
+                                                        summary_table(runs)))
+
+
 def write_results(args: argparse.Namespace, results: list[dict], seconds: float) -> None:
-    text = markdown(results, args, seconds)
+    run = {"model": args.model, "size": list(args.size), "threads": args.threads, "key_bias": args.key_bias,
+           "repeats": args.repeats, "bucket_growth": args.bucket_growth,
+           "buckets_per_point": None if args.bucket_growth else args.buckets, "seconds": seconds, "results": results}
+    text = markdown(run)
     print(text, flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "size": list(args.size), "threads": args.threads,
-                                               "key_bias": args.key_bias,
-                                               "repeats": args.repeats, "seconds": seconds, "results": results},
-                                              indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(run, indent=2) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
 
@@ -324,7 +378,20 @@ def main() -> int:
     parser.add_argument("--phase", choices=["all", "export"], default="all", help=argparse.SUPPRESS)
     parser.add_argument("--json")
     parser.add_argument("--markdown")
+    parser.add_argument("--from-json", nargs="+", metavar="JSON",
+                        help="measure nothing: redraw from runs this script saved with --json")
+    parser.add_argument("--update-docs", metavar="MD", help="replace the per-method tables between "
+                        "<!-- bench-buckets-table:METHOD:start/end --> markers (docs/buckets.md)")
+    parser.add_argument("--update-readme", metavar="MD", help="replace the summary table between "
+                        "<!-- buckets-summary:start/end --> markers (README.md)")
     args = parser.parse_args()
+    if args.from_json:
+        runs = [json.loads(Path(f).read_text()) for f in args.from_json]
+        for run in runs:
+            print(markdown(run))
+        print(summary_table(runs))
+        update_docs(runs, args.update_docs, args.update_readme)
+        return 0
     from staticprune.models import parse_size
 
     args.size = parse_size(args.size)
