@@ -31,6 +31,14 @@ def to_rgb8(img: "PIL.Image.Image") -> "PIL.Image.Image":
     return img.convert("RGB")
 
 
+def as_displayed(img: "PIL.Image.Image") -> "PIL.Image.Image":
+    """8-bit RGB as the image is displayed: EXIF orientation applied (a phone photo stored sideways), then
+    `to_rgb8`. Every reader of photos (predict, verify, calibrate) goes through it, so they all see one image."""
+    from PIL import ImageOps
+
+    return to_rgb8(ImageOps.exif_transpose(img))
+
+
 def _read(path: str | Path, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
     """(array, is_image): a .npy array as (B, 3, H, W) float32, or an image resized to `size` as (H, W, 3) float32."""
     p = Path(path)
@@ -46,12 +54,10 @@ def _read(path: str | Path, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
         if a.ndim != 4 or a.shape[1] != 3 or tuple(a.shape[2:]) != tuple(size):
             raise ValueError(f"input '{p}' has shape {tuple(arr.shape)}; expected (B, 3, {size[0]}, {size[1]})")
         return a, False
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        # as displayed (EXIF orientation applied), as `predict` reads it: a phone photo stored sideways must give
-        # verify and calibrate the same tokens the deployed graph will see
-        img = to_rgb8(ImageOps.exif_transpose(Image.open(p)))
+        img = as_displayed(Image.open(p))
     except Image.DecompressionBombError as exc:  # a small file may claim billions of pixels
         numbers = re.findall(r"\d+", str(exc))
         detail = (f"{numbers[0]} pixels, over Pillow's decompression-bomb limit of {numbers[1]}" if len(numbers) >= 2

@@ -42,9 +42,8 @@ import torch
 from staticprune.calibrate import list_images
 from staticprune.imageio import load_input, load_input_array
 from staticprune.models import get_spec
-from staticprune.export.buckets import (StageSpec, bucket_capacities, build_stage, check_buckets, export_buckets,
-                                        geometric_buckets,
-                                        method_plan, stage_specs)
+from staticprune.export.buckets import (NEXT, STATE_NAMES, StageSpec, bucket_capacities, build_stage, check_buckets,
+                                        export_buckets, geometric_buckets, method_plan, stage_specs)
 from staticprune.export.onnx_export import export_to_proto
 from staticprune.fileio import write_bytes_atomic
 from staticprune.methods import build_static_method
@@ -110,7 +109,7 @@ def run_sessions(sessions: list, feeds: dict[str, np.ndarray]) -> dict[str, np.n
         names = [o.name for o in session.get_outputs()]
         out = dict(zip(names, session.run(names, feeds)))
         if k + 1 < len(sessions):
-            feeds = {n: out[n + "_next"] for n in ("tokens", "sizes", "owner", "count", "carried_overflow")}
+            feeds = {n: out[n + NEXT] for n in STATE_NAMES}
     return out
 
 
@@ -254,7 +253,7 @@ def fit_state_example(model, method, plan, options, specs, spec: StageSpec, img:
         for s in specs[: spec.index]:
             stage = build_stage(model, method, plan, options, s, s.capacities[-1])
             out = dict(zip(stage.output_names(), stage(*feeds)))
-            feeds = tuple(out[n + "_next"] for n in ("tokens", "sizes", "owner", "count", "carried_overflow"))
+            feeds = tuple(out[n + NEXT] for n in STATE_NAMES)
     return feeds
 
 

@@ -197,15 +197,14 @@ def collect_inputs(items: Sequence[str]) -> list[Path]:
 def read_rgb(path: Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB as displayed (EXIF orientation applied; 16-bit images scaled to 8 bits). ValueError
     with one line when the file is not a readable image."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
-    from staticprune.imageio import to_rgb8
+    from staticprune.imageio import as_displayed
 
     try:
         with Image.open(path) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return np.asarray(to_rgb8(img), dtype=np.uint8)
+            return np.asarray(as_displayed(img), dtype=np.uint8)
     except Image.DecompressionBombError:
         raise ValueError(f"image '{path}' is too large to decode safely (over Pillow's decompression-bomb limit); "
                          "resize it first") from None
